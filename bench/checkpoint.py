@@ -1,0 +1,72 @@
+"""Checkpoint files: atomic writes, safe loads (weights_only), and where each run keeps them."""
+from __future__ import annotations
+
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.config import config_hash
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def checkpoint_dir(cfg: dict) -> Path:
+    """runs/<method>-<dataset>-<profile>-<hash of what determines the trained weights>."""
+    r = cfg["run"]
+    return Path(r["runs_dir"]) / f"{r['method']}-{r['dataset']}-{r['profile']}-{config_hash(cfg)}"
+
+
+def resolve_checkpoint_path(spec: str) -> Path:
+    """A path, or "builtin:NAME" for a file shipped in bench/assets."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = Path(str(resources.files("bench").joinpath("assets", name)))
+        if not path.exists():
+            raise FileNotFoundError(f"built-in checkpoint {name!r} is not in {path.parent}")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (set model.init_from, or train one with `bench train`)")
+    return path
+
+
+def load_checkpoint(spec: str | Path) -> dict:
+    """Load a checkpoint without running any code from it (weights_only=True)."""
+    path = resolve_checkpoint_path(str(spec))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle that wants code, or a damaged file
+        raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {err}") from None
+
+
+def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema") -> None:
+    """Load weights into a DiffusionModel from one of ours or an official backbone state dict.
+
+    Ours hold {"ema": ..., "model": ...} with keys "backbone.*" and "extras.*"; an official
+    U-ViT or DDIM checkpoint is a bare backbone state dict and must match it exactly.
+    """
+    state = load_checkpoint(spec)
+    if prefer in state or "model" in state:
+        weights = state.get(prefer, state.get("model"))
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+        own = model.state_dict()
+        missing_extras = {k: v for k, v in own.items() if k.startswith("extras.") and k not in weights}
+        result = model.load_state_dict({**missing_extras, **weights}, strict=True)
+        return result
+    model.backbone.load_state_dict(state, strict=True)

@@ -1,0 +1,126 @@
+"""The `bench` command line: a thin typer layer over plain functions (heavy imports inside commands)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, invoke_without_command=True,
+                  help="Benchmark and ablation harness for early-exit diffusion models.")
+
+# Options every command shares, defined once.
+CONFIG = typer.Option(None, "--config", help="bench.yaml to read (default: ./bench.yaml)")
+PROFILE = typer.Option(None, "--profile", help="tiny | small | paper (bench ls profiles)")
+DATASET = typer.Option(None, "--dataset", help="dataset name (bench ls datasets)")
+DATASET_PATH = typer.Option(None, "--dataset-path", help="folder, zip or file of the dataset")
+METHOD = typer.Option(None, "--method", help="method plugin (bench ls methods)")
+BACKBONE = typer.Option(None, "--backbone", help="backbone size (bench ls backbones)")
+SAMPLER = typer.Option(None, "--sampler", help="sampler (bench ls samplers)")
+STEPS = typer.Option(None, "--steps", help="sampling steps (network evaluations)")
+SAMPLES = typer.Option(None, "--samples", help="number of images to generate")
+SEED = typer.Option(None, "--seed", help="run seed")
+SET = typer.Option(None, "--set", help="override any config key: --set train.lr=1e-3 (repeatable)")
+RESULTS = typer.Option(None, "--results", help="results directory (default: results)")
+DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N")
+
+
+def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
+              results, device) -> dict:
+    from bench.config import load_config, resolve
+
+    overrides = list(sets or [])
+    for key, value in (("data.path", dataset_path), ("model.backbone", backbone), ("sample.sampler", sampler),
+                       ("sample.steps", steps), ("sample.n_samples", samples)):
+        if value is not None:
+            overrides.insert(0, f"{key}={value}")
+    run = {"profile": profile, "dataset": dataset, "method": method, "seed": seed, "results": results,
+           "device": device}
+    return resolve(load_config(config), run=run, overrides=overrides)
+
+
+def _user_errors():
+    from bench.config import ConfigError
+    from bench.registry import UnknownNameError
+
+    return (ConfigError, UnknownNameError, FileNotFoundError)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(ctx: typer.Context) -> None:
+    """With no command, `bench` runs `bench run` on the embedded default (tiny MNIST baseline)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run_command, config=None, profile=None, dataset=None, dataset_path=None, method=None,
+                   backbone=None, sampler=None, steps=None, samples=None, seed=None, sets=None, results=None,
+                   device=None, force=False, quiet=False)
+
+
+@app.command("run")
+def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
+                dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
+                backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
+                samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
+                results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
+                force: bool = typer.Option(False, "--force", help="re-measure a cell that is already stored"),
+                quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
+    """Train (or reuse) a model, sample, save an image grid and a results row."""
+    try:
+        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                        sets, results, device)
+        from bench.run import run
+
+        row = run(cfg, progress=not quiet, force=force)
+    except _user_errors() as err:
+        _fail(err)
+    verb = "stored" if row.pop("stored") else "already stored (use --force to replace)"
+    typer.echo(f"\nresults row ({verb} in {cfg['run']['results']}/runs.csv):")
+    for key, value in row.items():
+        typer.echo(f"  {key:24s} {value}")
+
+
+@app.command("train")
+def train_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
+                  dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
+                  backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
+                  device: Optional[str] = DEVICE,
+                  quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+    """Train (or resume) the configured model; prints the checkpoint path."""
+    try:
+        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets,
+                        None, device)
+        from bench.train import train
+
+        path = train(cfg, progress=not quiet)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(str(path))
+
+
+@app.command("ls")
+def ls_command(what: str = typer.Argument("all", help="methods | backbones | datasets | samplers | profiles")) -> None:
+    """List what is registered, one line each."""
+    from backbones import BACKBONES
+    from bench.config import load_config
+    from bench.data import DATASETS
+    from bench.diffusion import SAMPLERS
+    from methods import METHODS
+
+    profiles = {name: p.get("description", "") for name, p in load_config()["profiles"].items()}
+    tables = {"methods": METHODS.describe(), "backbones": BACKBONES.describe(), "datasets": DATASETS.describe(),
+              "samplers": SAMPLERS.describe(), "profiles": profiles}
+    if what != "all" and what not in tables:
+        _fail(ValueError(f"unknown list {what!r}; valid: {', '.join(tables)}"))
+    for name, table in tables.items():
+        if what in ("all", name):
+            typer.echo(f"{name}:")
+            for key, text in table.items():
+                typer.echo(f"  {key:22s} {text}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,209 @@
+"""One configuration object with one override order.
+
+    defaults (bench/defaults.yaml)  ->  bench.yaml  ->  profile  ->  command line  ->  sweep
+
+The library sections `datasets`, `profiles` and `methods` describe what exists; `run`
+names what to run (method, dataset, profile, seed). `resolve` expands the chosen profile,
+dataset and method into the working sections `data`, `model`, `train`, `sample` and
+`method`, applies `key=value` overrides, validates the result and returns it as a plain
+dict. The resolved config is saved with every checkpoint and every result row.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORKING_SECTIONS = ("data", "model", "train", "sample", "method")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+def _load_yaml(path: Path | str, text: str | None = None) -> dict:
+    try:
+        data = yaml.safe_load(text if text is not None else Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_defaults() -> dict:
+    """The built-in defaults shipped inside the package."""
+    text = resources.files("bench").joinpath("defaults.yaml").read_text()
+    return _load_yaml("bench/defaults.yaml", text)
+
+
+def deep_merge(base: dict, override: dict, where: str = "", strict: bool = True) -> dict:
+    """`base` updated by `override`, recursively; with strict, unknown keys are errors."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if strict and key not in out:
+            allowed = ", ".join(sorted(map(str, out))) or "(none)"
+            raise ConfigError(f"unknown config key {path!r}; allowed here: {allowed}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = deep_merge(out[key], value, path, strict=strict and not _is_open(path))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _is_open(path: str) -> bool:
+    """Sections whose set of keys is the user's to extend (new datasets, profiles, methods...)."""
+    parts = path.split(".")
+    if parts[0] in ("datasets", "profiles", "methods") and len(parts) == 1:
+        return True
+    if parts[0] == "profiles" and len(parts) >= 2:
+        return True  # a profile overrides any working section; checked after expansion
+    if parts[0] == "methods" and len(parts) >= 2:
+        return True  # method hyper-parameters are checked by the method itself
+    return False
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example train.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
+    """Set cfg['a']['b'] = value for 'a.b', refusing keys that do not exist."""
+    node = cfg
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:depth]) or "the top level"
+            allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+            raise ConfigError(f"unknown config key {dotted!r}: {where} has no {part!r}; allowed: {allowed}")
+        if depth == len(parts) - 1:
+            old = node[part]
+            node[part] = _coerce(dotted, old, value)
+        else:
+            node = node[part]
+
+
+def _coerce(key: str, old: Any, value: Any) -> Any:
+    """Check a value against the type of the default it replaces."""
+    if old is None or value is None:
+        return value
+    if isinstance(old, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(old, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if isinstance(old, float) else value
+    elif isinstance(old, str) and isinstance(value, str):
+        return value
+    elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value)
+    elif isinstance(old, dict) and isinstance(value, dict):
+        return value
+    raise ConfigError(f"config key {key!r} expects a {type(old).__name__} (like {old!r}), got {value!r}")
+
+
+def load_config(path: Path | str | None = None) -> dict:
+    """Defaults merged with a bench.yaml (the one given, else ./bench.yaml if present)."""
+    cfg = load_defaults()
+    if path is None:
+        beside_package = Path(__file__).resolve().parents[1] / "bench.yaml"  # editable install
+        path = next((p for p in (Path("bench.yaml"), beside_package) if p.exists()), None)
+    if path is not None:
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = deep_merge(cfg, _load_yaml(path))
+        cfg["run"]["config_file"] = str(path)
+    return cfg
+
+
+def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | None = None,
+            sweep: dict | None = None) -> dict:
+    """Expand profile, dataset and method, apply overrides (command line, then sweep), validate."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in (run or {}).items():
+        if value is not None:
+            set_key(cfg, f"run.{key}", value)
+    r = cfg["run"]
+
+    _check_name("profile", r["profile"], cfg["profiles"])
+    _check_name("dataset", r["dataset"], cfg["datasets"])
+    _check_name("method", r["method"], cfg["methods"])
+
+    profile = cfg["profiles"][r["profile"]]
+    per_dataset = (profile.get("per_dataset") or {}).get(r["dataset"], {})
+    for layer_name, layer in (("profile " + r["profile"], profile), ("profile per_dataset", per_dataset)):
+        for section, values in layer.items():
+            if section in ("per_dataset", "description"):
+                continue
+            if section not in WORKING_SECTIONS:
+                raise ConfigError(f"{layer_name}: unknown section {section!r}; allowed: {', '.join(WORKING_SECTIONS)}")
+            cfg[section] = deep_merge(cfg[section], values, section)
+
+    cfg["data"] = deep_merge(cfg["data"], cfg["datasets"][r["dataset"]], "data")
+    cfg["method"] = deep_merge(cfg["method"], cfg["methods"][r["method"]], "method", strict=False)
+
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        set_key(cfg, key, value)
+    for key, value in (sweep or {}).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _check_name(kind: str, name: str, table: dict) -> None:
+    if name not in table:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(table), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(sorted(table))}")
+
+
+def validate(cfg: dict) -> None:
+    """Checks that need more than a type: ranges and names of registered things."""
+    t, s = cfg["train"], cfg["sample"]
+    for key, low in (("steps", 0), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1)):
+        if t[key] < low:
+            raise ConfigError(f"train.{key} must be >= {low}, got {t[key]}")
+    if not 0.0 <= t["ema_decay"] < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
+    if t["lr"] <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t['lr']}")
+    if len(t["betas"]) != 2:
+        raise ConfigError(f"train.betas must be two numbers, got {t['betas']}")
+    for key in ("n_samples", "batch_size", "steps"):
+        if s[key] < 1:
+            raise ConfigError(f"sample.{key} must be >= 1, got {s[key]}")
+    from backbones import BACKBONES
+    from bench.diffusion import SAMPLERS
+
+    for kind, name, registry in (("model.backbone", cfg["model"]["backbone"], BACKBONES),
+                                 ("sample.sampler", s["sampler"], SAMPLERS)):
+        if name not in registry:
+            raise ConfigError(f"{kind}: {registry.unknown_message(name)}")
+    if cfg["model"]["schedule"] not in ("vp", "linear", "scaled_linear"):
+        raise ConfigError(f"model.schedule must be one of vp, linear, scaled_linear; got {cfg['model']['schedule']!r}")
+
+
+def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:
+    """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
+    relevant = {key: cfg[key] for key in sections}
+    relevant["seed"] = cfg["run"]["seed"]
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,103 @@
+"""The results store: tidy CSV rows, written atomically, safe for concurrent writers.
+
+Every write takes an exclusive lock on `<file>.lock`, reads the current rows, adds the new
+one and replaces the file through a temporary file and a rename, so a killed process never
+leaves a half-written row and concurrent writers (Ray trials) lose none.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# The key of a cell: a row with the same values in these columns is the same measurement.
+CELL_KEY = ("experiment", "method", "backbone", "dataset", "profile", "sampler", "steps", "threshold", "seed",
+            "n_samples", "config_hash")
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell(row: dict) -> tuple[str, ...]:
+    return tuple("" if row.get(k) is None else str(row.get(k)) for k in CELL_KEY)
+
+
+def has_cell(path: Path, row: dict) -> bool:
+    """Whether a row for the same cell (CELL_KEY) is already stored."""
+    return any(_cell(r) == _cell(row) for r in read_rows(path))
+
+
+def append_row(path: Path, row: dict, force: bool = False) -> bool:
+    """Add `row`; returns False (and writes nothing) when its cell is already there, unless forced."""
+    path = Path(path)
+    with _locked(path):
+        rows = read_rows(path)
+        if not force and any(_cell(r) == _cell(row) for r in rows):
+            return False
+        if force:
+            rows = [r for r in rows if _cell(r) != _cell(row)]
+        columns = list(rows[0].keys()) if rows else []
+        columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([*rows, {k: "" if v is None else v for k, v in row.items()}])
+        _atomic_write_text(path, buffer.getvalue())
+    return True
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def provenance() -> dict[str, str]:
+    """Versions and revision that every row carries."""
+    import torch
+
+    try:
+        import torch_fidelity
+
+        fidelity = torch_fidelity.__version__
+    except ImportError:
+        fidelity = ""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        rev = rev + ("-dirty" if rev and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"git_rev": rev or "unknown", "torch_version": torch.__version__, "torch_fidelity_version": fidelity,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,196 @@
+"""Training: AdamW with linear warm-up, EMA, clipping, bf16 on a GPU, resumable checkpoints.
+
+Every random draw of step s (the batch order of its epoch, t, the noise, flips, dropout) is
+seeded from (run seed, s), so a run that is interrupted and resumed from its last checkpoint
+ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_weights_into
+from bench.config import config_hash
+from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
+from methods import build_method
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices for steps start..end-1: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start: int, end: int):
+        if n_items < batch_size:
+            raise ValueError(f"the dataset has {n_items} images, fewer than train.batch_size={batch_size}")
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.start, self.end = start, end
+        self.per_epoch = n_items // batch_size  # drop the last partial batch
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        epoch, perm = None, None
+        for step in range(self.start, self.end):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                perm = torch.randperm(self.n_items, generator=_step_generator(self.seed, epoch, salt=1))
+            offset = (step % self.per_epoch) * self.batch_size
+            yield perm[offset:offset + self.batch_size].tolist()
+
+
+def learning_rate(cfg_train: dict, step: int) -> float:
+    """Linear warm-up over warmup_steps, then constant (U-ViT's schedule)."""
+    warmup = cfg_train["warmup_steps"]
+    return cfg_train["lr"] * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights; the decay ramps up as min(decay, (1+s)/(10+s)) so short runs are not stuck at init."""
+    d = min(decay, (1 + step) / (10 + step))
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None) -> Path:
+    """Train (or resume) the run that `cfg` describes; returns its final checkpoint.
+
+    `stop_at` ends the call after that many steps in all, leaving a resumable checkpoint
+    (used to test resumption). A finished run with the same resolved config is reused.
+    """
+    t_cfg, seed = cfg["train"], cfg["run"]["seed"]
+    run_dir = checkpoint_dir(cfg)
+    final, last = run_dir / "final.pt", run_dir / "last.pt"
+    if final.exists():
+        return final
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg["run"]["device"])
+
+    dataset = build_train_dataset(cfg)
+    schedule = build_schedule(cfg)
+    method = build_method(cfg["run"]["method"], cfg["method"])
+    model = build_model(cfg, method).to(device)
+    ema = build_model(cfg, method).to(device).requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("pos_embed") or p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t_cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]))
+
+    start = 0
+    if last.exists():
+        state = load_checkpoint(last)
+        if state["config_hash"] != config_hash(cfg):
+            raise RuntimeError(f"{last} belongs to another configuration; delete {run_dir} to start over")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    else:
+        if cfg["model"]["init_from"]:
+            load_weights_into(model, cfg["model"]["init_from"])
+        ema.load_state_dict(model.state_dict())
+
+    log_path = run_dir / "loss.csv"
+    _truncate_log(log_path, start)
+    end = t_cfg["steps"] if stop_at is None else min(stop_at, t_cfg["steps"])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end),
+        num_workers=cfg["data"]["num_workers"], persistent_workers=False)
+
+    show = t_cfg["progress"] if progress is None else progress
+    bar = _progress(show, start, t_cfg["steps"], f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
+    model.train()
+    tick, images_since = time.perf_counter(), 0
+    with open(log_path, "a", newline="") as log_file:
+        log = csv.writer(log_file)
+        for step, (x0, label) in zip(range(start, end), loader):
+            gen = _step_generator(seed, step)
+            torch.manual_seed(seed * 1_000_003 + step)  # dropout and anything else on the global RNG
+            if cfg["data"]["flip"]:
+                flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            t = schedule.sample_train_time(x0.shape[0], generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = schedule.add_noise(x0, t, noise)
+            x_t, noise = x_t.to(device), noise.to(device)
+            model_t = schedule.model_time(t).to(device)
+            cond = None  # class/text conditioning arrives with the latent datasets
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(t_cfg, step)
+            with _autocast(device, t_cfg["precision"]):
+                loss, logs = method.loss(model, x_t, model_t, noise, cond)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step} (lr {learning_rate(t_cfg, step):.2e}); lower train.lr, "
+                    f"raise train.warmup_steps or set train.grad_clip (last good checkpoint: {last})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t_cfg["grad_clip"] > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"])
+            optimizer.step()
+            update_ema(ema, model, t_cfg["ema_decay"], step)
+
+            images_since += x0.shape[0]
+            done = step + 1
+            if done % t_cfg["log_every"] == 0 or done == end:
+                elapsed = time.perf_counter() - tick
+                rate = images_since / max(elapsed, 1e-9)
+                log.writerow([done, f"{loss.item():.6f}", f"{learning_rate(t_cfg, step):.3e}", f"{rate:.1f}"])
+                log_file.flush()
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+                tick, images_since = time.perf_counter(), 0
+            bar.update(1)
+            if done % t_cfg["ckpt_every"] == 0 or done == end:
+                _save_training_state(last, cfg, model, ema, optimizer, done)
+    bar.close()
+
+    if end < t_cfg["steps"]:
+        return last
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": end, "config": cfg,
+                 "config_hash": config_hash(cfg)}, final)
+    last.unlink(missing_ok=True)
+    return final
+
+
+def _save_training_state(path: Path, cfg: dict, model, ema, optimizer, step: int) -> None:
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "config": cfg, "config_hash": config_hash(cfg)}, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Start a log, or drop rows written after the checkpoint we resume from."""
+    header = ["step", "loss", "lr", "images_per_s"]
+    rows = []
+    if path.exists() and step > 0:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def _progress(show: bool, initial: int, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not show, unit="step", dynamic_ncols=True)
