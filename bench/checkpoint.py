@@ -70,3 +70,14 @@ def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema") -
         result = model.load_state_dict({**missing_extras, **weights}, strict=True)
         return result
     model.backbone.load_state_dict(state, strict=True)
+
+
+def export_weights(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """A small inference checkpoint: the EMA weights (in float16 if `half`), config and provenance."""
+    state = load_checkpoint(src)
+    weights = state.get("ema", state.get("model"))
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    keep = {k: state[k] for k in ("step", "seconds", "config", "config_hash") if k in state}
+    atomic_save({"ema": weights, **keep}, Path(dst))
+    return Path(dst)

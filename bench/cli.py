@@ -101,6 +101,20 @@ def train_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFI
     typer.echo(str(path))
 
 
+@app.command("export")
+def export_command(checkpoint: str = typer.Argument(..., help="a training checkpoint (final.pt)"),
+                   out: str = typer.Argument(..., help="file to write"),
+                   full_precision: bool = typer.Option(False, "--fp32", help="keep float32 weights")) -> None:
+    """Write a small inference checkpoint (EMA weights, config) for sharing or as model.init_from."""
+    from bench.checkpoint import export_weights
+
+    try:
+        path = export_weights(checkpoint, out, half=not full_precision)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 @app.command("ls")
 def ls_command(what: str = typer.Argument("all", help="methods | backbones | datasets | samplers | profiles")) -> None:
     """List what is registered, one line each."""

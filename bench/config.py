@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def deep_merge(base: dict, override: dict, where: str = "", strict: bool = True)
 
 def _is_open(path: str) -> bool:
     """Sections whose set of keys is the user's to extend (new datasets, profiles, methods...)."""
+    if path in ("model.kwargs", "sample.options"):
+        return True  # constructor and sampler keywords: checked by the backbone or sampler
     parts = path.split(".")
     if parts[0] in ("datasets", "profiles", "methods") and len(parts) == 1:
         return True
@@ -80,7 +83,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     return key.strip(), value
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def set_key(cfg: dict, dotted: str, value: Any) -> None:
@@ -107,7 +115,10 @@ def _coerce(key: str, old: Any, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif isinstance(old, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) if isinstance(old, float) else value
+        if isinstance(old, float):
+            return float(value)
+        if isinstance(value, int) or value.is_integer():  # an int key: 1e4 is fine, 2.5 is not
+            return int(value)
     elif isinstance(old, str) and isinstance(value, str):
         return value
     elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):

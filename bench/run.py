@@ -39,7 +39,7 @@ def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
 
     from bench.data import dataset_checksum
 
-    cell = f"{r['method']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}-seed{r['seed']}"
+    cell = f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}-seed{r['seed']}"
     grid = save_grid(images[:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
     flops = model.backbone.flops_per_part() if _fvcore_available() else None
     row = {

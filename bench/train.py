@@ -50,6 +50,18 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield perm[offset:offset + self.batch_size].tolist()
 
 
+def preload(dataset, num_workers: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the whole dataset once into uint8 (N, C, H, W) on `device`; batches are then indexing."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=500, num_workers=num_workers)
+    images, labels = [], []
+    for x, y in tqdm(loader, desc="loading images", leave=False, disable=len(dataset) < 20_000):
+        images.append(((x + 1.0) * 127.5).round().to(torch.uint8))  # exact: items are v / 127.5 - 1
+        labels.append(torch.as_tensor(y))
+    return torch.cat(images).to(device), torch.cat(labels).to(device)
+
+
 def learning_rate(cfg_train: dict, step: int) -> float:
     """Linear warm-up over warmup_steps, then constant (U-ViT's schedule)."""
     warmup = cfg_train["warmup_steps"]
@@ -88,6 +100,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     dataset = build_train_dataset(cfg)
     schedule = build_schedule(cfg)
     method = build_method(cfg["run"]["method"], cfg["method"])
+    torch.manual_seed(seed)  # the initial weights, too, follow from the run seed
     model = build_model(cfg, method).to(device)
     ema = build_model(cfg, method).to(device).requires_grad_(False)
     decay, no_decay = [], []
@@ -114,14 +127,20 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     log_path = run_dir / "loss.csv"
     _truncate_log(log_path, start)
     end = t_cfg["steps"] if stop_at is None else min(stop_at, t_cfg["steps"])
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end),
-        num_workers=cfg["data"]["num_workers"], persistent_workers=False)
+    sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end)
+    if cfg["data"]["preload"]:
+        images, labels = preload(dataset, cfg["data"]["num_workers"], device)
+        loader = ((images[idx].float() / 127.5 - 1.0, labels[idx]) for idx in map(torch.tensor, sampler))
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["data"]["num_workers"])
 
+    started = time.perf_counter()
+    out_of_time = False
     show = t_cfg["progress"] if progress is None else progress
     bar = _progress(show, start, t_cfg["steps"], f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
     model.train()
     tick, images_since = time.perf_counter(), 0
+    deadline = time.perf_counter() + t_cfg["max_seconds"] if t_cfg["max_seconds"] > 0 else float("inf")
     with open(log_path, "a", newline="") as log_file:
         log = csv.writer(log_file)
         for step, (x0, label) in zip(range(start, end), loader):
@@ -129,11 +148,11 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             torch.manual_seed(seed * 1_000_003 + step)  # dropout and anything else on the global RNG
             if cfg["data"]["flip"]:
                 flip = torch.rand(x0.shape[0], generator=gen) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+                x0 = torch.where(flip[:, None, None, None].to(x0.device), x0.flip(-1), x0)
             t = schedule.sample_train_time(x0.shape[0], generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
+            x0, noise = x0.to(device), noise.to(device)
             x_t = schedule.add_noise(x0, t, noise)
-            x_t, noise = x_t.to(device), noise.to(device)
             model_t = schedule.model_time(t).to(device)
             cond = None  # class/text conditioning arrives with the latent datasets
 
@@ -162,13 +181,18 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
                 tick, images_since = time.perf_counter(), 0
             bar.update(1)
-            if done % t_cfg["ckpt_every"] == 0 or done == end:
+            out_of_time = time.perf_counter() > deadline
+            if done % t_cfg["ckpt_every"] == 0 or done == end or out_of_time:
                 _save_training_state(last, cfg, model, ema, optimizer, done)
+            if out_of_time:  # a time budget ends the run here; the checkpoint says how far it got
+                end = done
+                break
     bar.close()
 
-    if end < t_cfg["steps"]:
+    if end < t_cfg["steps"] and not out_of_time:
         return last
-    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": end, "config": cfg,
+    atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": end,
+                 "seconds": round(time.perf_counter() - started, 1), "config": cfg,
                  "config_hash": config_hash(cfg)}, final)
     last.unlink(missing_ok=True)
     return final

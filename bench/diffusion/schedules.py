@@ -63,6 +63,7 @@ class Schedule:
         raise NotImplementedError
 
     def model_time(self, t) -> Tensor:
+        """The network's float32 time input at schedule time t."""
         raise NotImplementedError
 
     def from_model_time(self, tau) -> Tensor:
@@ -111,8 +112,8 @@ class VPSDE(Schedule):
         return self.beta_min + _f64(t) * (self.beta_max - self.beta_min)
 
     def model_time(self, t) -> Tensor:
-        """U-ViT feeds t * 999 to the network (sde.py, ScoreModel.predict)."""
-        return _f64(t) * 999.0
+        """U-ViT feeds t * 999 to the network (sde.py, ScoreModel.predict); float32."""
+        return (_f64(t) * 999.0).to(torch.float32)
 
     def from_model_time(self, tau) -> Tensor:
         return _f64(tau) / 999.0
@@ -178,7 +179,7 @@ class DiscreteSchedule(Schedule):
         return flat.reshape(lam.shape)
 
     def beta(self, t) -> Tensor:
-        """-2 x the slope of the segment ending at t (left-continuous), about beta_n on (t_{n-1}, t_n]."""
+        """-2 x the slope of log alpha on the segment ending at t: -N log(1 - beta_n) on (t_{n-1}, t_n]."""
         t = _f64(t)
         n = self.num_steps
         seg = (torch.ceil(t * n - 1e-9) - 1).clamp(0, n - 1).long()
@@ -186,8 +187,8 @@ class DiscreteSchedule(Schedule):
         return -2.0 * slope[seg]
 
     def model_time(self, t) -> Tensor:
-        """Step index n = N t - 1 (fractional between grid points), plus time_offset."""
-        return _f64(t) * self.num_steps - 1.0 + self.time_offset
+        """Step index n = N t - 1 (fractional between grid points), plus time_offset; float32."""
+        return (_f64(t) * self.num_steps - 1.0 + self.time_offset).to(torch.float32)
 
     def from_model_time(self, tau) -> Tensor:
         return (_f64(tau) + 1.0 - self.time_offset) / self.num_steps
@@ -220,4 +221,4 @@ def diffusion_training_inputs(schedule: Schedule, x0: Tensor,
     gen_device = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
     x_t = schedule.add_noise(x0, t, noise)
-    return TrainingInputs(x_t, schedule.model_time(t).to(torch.float32), noise, t)
+    return TrainingInputs(x_t, schedule.model_time(t), noise, t)
