@@ -215,6 +215,6 @@ def validate(cfg: dict) -> None:
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
     relevant = {key: cfg[key] for key in sections}
-    relevant["seed"] = cfg["run"]["seed"]
+    relevant["run"] = {key: cfg["run"][key] for key in ("seed", "method", "dataset")}
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

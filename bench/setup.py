@@ -42,6 +42,7 @@ def build_schedule(cfg: dict):
 def build_model(cfg: dict, method: Method) -> DiffusionModel:
     """The backbone sized for the dataset, plus what the method attaches."""
     resolution, channels, classes = image_geometry(cfg)
+    kwargs = {**method.backbone_overrides(cfg["model"]["backbone"]), **cfg["model"]["kwargs"]}
     backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels,
-                              num_classes=classes, **cfg["model"]["kwargs"])
+                              num_classes=classes, **kwargs)
     return DiffusionModel(backbone, method.attach(backbone))

@@ -19,8 +19,21 @@ class Method:
         """The training objective for one batch; returns the loss and numbers to log."""
         raise NotImplementedError
 
-    def decide(self, i: int, state: dict, model_t: Tensor, threshold: float) -> Tensor | None:
-        """Per sample, whether to stop after block i (None: this method never exits early)."""
+    # The exit signal: what `decide` compares with the threshold, and in which direction.
+    signal = "none"
+    threshold_range: tuple[float, float] | None = None
+    default_thresholds: tuple[float, ...] = ()
+
+    def backbone_overrides(self, backbone_name: str) -> dict:
+        """Constructor overrides this method needs (the small model changes the depth)."""
+        return {}
+
+    def decide(self, model: "DiffusionModel", i: int, state: dict, ctx: dict, threshold: float) -> Tensor | None:
+        """Per sample (a bool (B,) tensor), whether to stop after block i; None: do not stop here.
+
+        `ctx` holds per-sample tensors for this network call ("model_t" and whatever the method
+        keeps there, e.g. the previous hidden state); the engine drops exited samples from it.
+        """
         return None
 
 

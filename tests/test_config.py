@@ -67,8 +67,10 @@ def test_override_order(tmp_path):
     # bench.yaml beats the defaults, the profile beats bench.yaml, --set beats the profile, the sweep beats --set
     base = load_config(_yaml_with(tmp_path, train={"lr": 3.0e-4, "precision": "fp32"}, sample={"steps": 7}))
     assert base["train"]["precision"] == "fp32" and base["train"]["lr"] == 3.0e-4
-    r = resolve(base, run={"profile": "tiny", "dataset": "mnist"})
+    r = resolve(base, run={"profile": "tiny", "dataset": "cifar10"})
     assert r["train"]["precision"] == "fp32"  # the profile does not set it: bench.yaml's value stays
+    # the per_dataset layer beats the profile: mnist fine-tunes the built-in checkpoint at a lower lr
+    assert resolve(base, run={"profile": "tiny", "dataset": "mnist"})["train"]["lr"] == 2.0e-4
     assert r["train"]["lr"] == 1.0e-3 and r["sample"]["steps"] == 25  # the profile's
     r = resolve(base, run={"profile": "tiny"}, overrides=["train.lr=5e-3", "sample.steps=9"])
     assert r["train"]["lr"] == 5e-3 and r["sample"]["steps"] == 9
