@@ -8,7 +8,7 @@ import torch
 
 from bench.checkpoint import load_weights_into
 from bench.config import config_hash
-from bench.sample import generate, save_grid
+from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
 from bench.store import append_row, provenance
 from bench.train import train
@@ -35,7 +35,7 @@ def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
     schedule = build_schedule(cfg)
     resolution, channels, _ = image_geometry(cfg)
     images, stats = generate(model, schedule, s, r["seed"], (channels, resolution, resolution), device,
-                             progress=progress)
+                             progress=progress, method=method)
 
     from bench.data import dataset_checksum
 
@@ -45,13 +45,14 @@ def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
     row = {
         "experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
         "dataset": r["dataset"], "profile": r["profile"], "scale": scale_label(cfg, device),
-        "sampler": s["sampler"], "steps": s["steps"], "threshold": "", "seed": r["seed"],
+        "sampler": s["sampler"], "steps": s["steps"], "threshold": "" if s["threshold"] is None else s["threshold"],
+        "seed": r["seed"],
         "n_samples": s["n_samples"], "fid": "", "kid": "",
         "layer_ratio": round(stats["layer_ratio"], 6),
-        "gflops": round(_gflops_per_call(flops, stats["layer_ratio"], model.backbone.num_exits), 4) if flops else "",
+        "gflops": round(gflops_per_call(flops, stats["record"]), 4) if flops else "",
         "gflops_convention": "fvcore multiply-adds (1 MAC = 1 flop), attention counted, per network call",
         "seconds_per_image": round(stats["seconds_per_image"], 5), "batch_size": s["batch_size"],
-        "mode": "realised", "device": str(device), "train_steps": cfg["train"]["steps"],
+        "mode": s["engine_mode"], "device": str(device), "train_steps": cfg["train"]["steps"],
         "train_seconds_this_call": round(train_seconds, 1),
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
         "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg),
@@ -59,12 +60,6 @@ def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
     }
     row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
     return row
-
-
-def _gflops_per_call(flops: dict, layer_ratio: float, num_exits: int) -> float:
-    """Cost of one network call: prepare + the blocks that ran (mean) + one head."""
-    blocks = sum(flops[f"block_{i}"] for i in range(num_exits))
-    return flops["prepare"] + layer_ratio * blocks + flops[f"head_{num_exits - 1}"]
 
 
 def _fvcore_available() -> bool:

@@ -10,56 +10,51 @@ import torch
 from torch import Tensor
 
 from bench.diffusion import SAMPLERS, NoiseSource
-
-
-class BlockCounter:
-    """Noise prediction through the exit contract that counts the blocks that really ran."""
-
-    def __init__(self, model, cond: Tensor | None = None):
-        self.backbone = model.backbone
-        self.cond = cond
-        self.blocks_run = 0      # summed over samples and network calls
-        self.sample_calls = 0    # network calls times samples
-
-    def __call__(self, x: Tensor, model_t: Tensor) -> Tensor:
-        bb = self.backbone
-        state = bb.prepare(x, model_t, self.cond)
-        for i in range(bb.num_exits):
-            state = bb.run_block(i, state)
-        self.blocks_run += bb.num_exits * x.shape[0]
-        self.sample_calls += x.shape[0]
-        return bb.head(state, bb.num_exits - 1)
-
-    @property
-    def layer_ratio(self) -> float:
-        return self.blocks_run / max(1, self.sample_calls * self.backbone.num_exits)
+from bench.engine import EarlyExitModel, ExitRecord
 
 
 @torch.no_grad()
 def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...], device: torch.device,
-             progress: bool = True) -> tuple[Tensor, dict]:
+             progress: bool = True, method=None) -> tuple[Tensor, dict]:
     """n_samples images in [-1, 1] (on the CPU) and measurements of how they were made.
 
     Sample i's noise depends only on (seed, i), so the images do not depend on the batch size.
+    The network runs through the early-exit engine with `sample_cfg["threshold"]` (None: full depth).
     """
     model.eval()
     sampler = SAMPLERS.get(sample_cfg["sampler"])
     n, batch = sample_cfg["n_samples"], sample_cfg["batch_size"]
-    counter = BlockCounter(model)
+    engine = EarlyExitModel(model, method, threshold=sample_cfg["threshold"], mode=sample_cfg["engine_mode"])
     images, seconds = [], 0.0
     for start in range(0, n, batch):
         indices = torch.arange(start, min(n, start + batch))
         noise = NoiseSource(seed, indices)
         _sync(device)
         tick = time.perf_counter()
-        x = sampler(counter, schedule, noise, shape, sample_cfg["steps"], device=device,
+        x = sampler(engine, schedule, noise, shape, sample_cfg["steps"], device=device,
                     progress=progress and start == 0, **sample_cfg["options"])
         _sync(device)
         seconds += time.perf_counter() - tick
         images.append(x.clamp(-1, 1).float().cpu())
-    stats = {"seconds_per_image": seconds / n, "layer_ratio": counter.layer_ratio,
-             "network_calls_per_image": counter.sample_calls / n}
+    record = engine.record
+    calls = sum(len(e) for e in record.exit_blocks)
+    stats = {"seconds_per_image": seconds / n, "layer_ratio": record.layer_ratio(model.backbone.num_exits),
+             "network_calls_per_image": calls / n, "record": record}
     return torch.cat(images), stats
+
+
+def gflops_per_call(flops: dict[str, float], record: ExitRecord) -> float:
+    """Mean fvcore cost of one network call from what ran: prepare + blocks up to the exit + that exit's head.
+
+    Exit modules of a method (UEMs, exit predictors) are not counted yet.
+    """
+    blocks = [flops[k] for k in sorted((k for k in flops if k.startswith("block_")), key=lambda k: int(k[6:]))]
+    cumulative = torch.tensor(blocks, dtype=torch.float64).cumsum(0)
+    last = len(blocks) - 1
+    exits = torch.cat(record.exit_blocks)
+    heads = torch.tensor([flops.get(f"head_{i}", flops[f"head_{last}"]) for i in range(len(blocks))],
+                         dtype=torch.float64)
+    return float((flops["prepare"] + cumulative[exits] + heads[exits]).mean())
 
 
 def _sync(device: torch.device) -> None:

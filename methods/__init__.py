@@ -1,9 +1,18 @@
-"""Method plugins: one registered class per method (DESIGN.md)."""
+"""Method plugins: one registered class per method (DESIGN.md).
+
+Every module in this package registers its plugins when imported; they are all imported here,
+so adding a method is adding a file.
+"""
+import importlib
+import pkgutil
+
 from bench.registry import Registry
 
 METHODS: Registry = Registry("method")
 
-from methods import baseline  # noqa: E402,F401  (importing registers the plugins)
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in ("base", "common"):
+        importlib.import_module(f"methods.{_module}")
 
 
 def build_method(name: str, hparams: dict | None = None):
