@@ -115,6 +115,35 @@ def export_command(checkpoint: str = typer.Argument(..., help="a training checkp
     typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command("speed")
+def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help="comma-separated sizes"),
+                  batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="comma-separated"),
+                  img_size: int = typer.Option(28, "--img-size"), channels: int = typer.Option(1, "--channels"),
+                  sets: Optional[list[str]] = typer.Option(None, "--set", help="backbone kwargs: embed_dim=64"),
+                  repeats: int = typer.Option(5, "--repeats"), device: Optional[str] = DEVICE,
+                  results: Optional[str] = RESULTS) -> None:
+    """Benchmark training and sampling throughput (images/s); rows go to <results>/speed.csv."""
+    from pathlib import Path
+
+    from bench.config import parse_override
+    from bench.registry import UnknownNameError
+    from bench.speed import measure_throughput
+    from bench.store import append_row, provenance
+
+    kwargs = dict(parse_override(item) for item in sets or [])
+    for name in backbones.split(","):
+        for batch in (int(b) for b in batch_sizes.split(",")):
+            try:
+                row = measure_throughput(name, batch, img_size, channels, device or "auto", repeats, kwargs)
+            except UnknownNameError as err:
+                _fail(err)
+            row = {"experiment": "speed", **row, **provenance()}
+            append_row(Path(results or "results") / "speed.csv", row, force=True,
+                       key=("backbone", "kwargs", "img_size", "batch_size", "device", "threads"))
+            typer.echo(f"{name:14s} batch {batch:4d}  train {row['train_images_per_s']:9.1f} img/s  "
+                       f"forward {row['forward_images_per_s']:9.1f} img/s  ({row['params']:,} params)")
+
+
 @app.command("ls")
 def ls_command(what: str = typer.Argument("all", help="methods | backbones | datasets | samplers | profiles")) -> None:
     """List what is registered, one line each."""

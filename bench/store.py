@@ -40,8 +40,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _cell(row: dict) -> tuple[str, ...]:
-    return tuple("" if row.get(k) is None else str(row.get(k)) for k in CELL_KEY)
+def _cell(row: dict, key: tuple[str, ...] = CELL_KEY) -> tuple[str, ...]:
+    return tuple("" if row.get(k) is None else str(row.get(k)) for k in key)
 
 
 def has_cell(path: Path, row: dict) -> bool:
@@ -49,15 +49,18 @@ def has_cell(path: Path, row: dict) -> bool:
     return any(_cell(r) == _cell(row) for r in read_rows(path))
 
 
-def append_row(path: Path, row: dict, force: bool = False) -> bool:
-    """Add `row`; returns False (and writes nothing) when its cell is already there, unless forced."""
+def append_row(path: Path, row: dict, force: bool = False, key: tuple[str, ...] = CELL_KEY) -> bool:
+    """Add `row`; returns False (and writes nothing) when its cell is already there, unless forced.
+
+    `key` names the columns that identify a cell; with force the stored row of that cell is replaced.
+    """
     path = Path(path)
     with _locked(path):
         rows = read_rows(path)
-        if not force and any(_cell(r) == _cell(row) for r in rows):
+        if not force and any(_cell(r, key) == _cell(row, key) for r in rows):
             return False
         if force:
-            rows = [r for r in rows if _cell(r) != _cell(row)]
+            rows = [r for r in rows if _cell(r, key) != _cell(row, key)]
         columns = list(rows[0].keys()) if rows else []
         columns += [k for k in row if k not in columns]
         buffer = io.StringIO()

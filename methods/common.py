@@ -1,0 +1,162 @@
+"""Helpers shared by the exit methods: every exit's prediction in one pass, per-pixel maps, hparams.
+
+A method sees a backbone only through the exit contract (backbones/contract.py). Where it must
+know the kind of backbone (to build a module that reads a hidden state), it asks by what the
+backbone exposes, never by its class:
+
+    U-Net  (backbones/ddim_unet.py): has `exit_channels`; hidden = feature map (B, C_i, H_i, W_i)
+    U-ViT  (backbones/uvit.py):      has `embed_dim`, `patch_size`, `in_chans`; hidden = patch
+                                     tokens (B, L, D), the same shape at every exit
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backbones.uvit import timestep_embedding, unpatchify
+
+# ---- which backbone -----------------------------------------------------------------------
+
+
+def backbone_kind(backbone: nn.Module) -> str:
+    """'unet' (exposes exit_channels) or 'uvit' (exposes embed_dim, patch_size, in_chans)."""
+    if hasattr(backbone, "exit_channels"):
+        return "unet"
+    if all(hasattr(backbone, a) for a in ("embed_dim", "patch_size", "in_chans")):
+        return "uvit"
+    raise TypeError(f"{type(backbone).__name__} exposes neither exit_channels (U-Net) nor "
+                    "embed_dim/patch_size/in_chans (U-ViT); the exit modules cannot read its hidden states")
+
+
+def exit_widths(backbone: nn.Module) -> list[int]:
+    """Channels of the hidden state at every exit (U-ViT: D everywhere; U-Net: exit_channels)."""
+    if backbone_kind(backbone) == "unet":
+        return list(backbone.exit_channels)
+    return [backbone.embed_dim] * backbone.num_exits
+
+
+def encoder_exits(backbone: nn.Module) -> int:
+    """How many exits lie in the first half (U-ViT: the in-blocks; U-Net: the down levels)."""
+    if backbone_kind(backbone) == "unet":
+        return backbone.num_resolutions
+    return len(backbone.in_blocks)
+
+
+# ---- every exit in one pass ---------------------------------------------------------------
+
+
+class ExitOutputs(NamedTuple):
+    preds: list[Tensor]    # g_i(h_i): the noise prediction at exit i, (B, C, H, W) each
+    hiddens: list[Tensor]  # h_i: what an exit module reads (backbone.hidden)
+    final: Tensor          # preds[-1], the full model's prediction
+
+
+def exit_predictions(model, x_t: Tensor, model_t: Tensor, cond: Tensor | None = None) -> ExitOutputs:
+    """Run the backbone once through the contract and read the head at every exit."""
+    bb = model.backbone
+    state = bb.prepare(x_t, model_t, cond)
+    preds, hiddens = [], []
+    for i in range(bb.num_exits):
+        state = bb.run_block(i, state)
+        hiddens.append(bb.hidden(state))
+        preds.append(bb.head(state, i))
+    return ExitOutputs(preds, hiddens, preds[-1])
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean of squares of a - b over everything but the batch: (B, ...) -> (B,), in float32."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def batch_time(model_t: Tensor, batch: int) -> Tensor:
+    """The network time input as a (B,) tensor (a scalar serves the whole batch)."""
+    return model_t.reshape(1).expand(batch) if model_t.dim() == 0 else model_t
+
+
+# ---- per-pixel maps from a hidden state ---------------------------------------------------
+
+
+class PixelMap(nn.Module):
+    """A linear map from an exit's hidden state to an image-shaped map (B, C, H, W) of logits.
+
+    U-ViT (tokens (B, L, D)): Linear(D -> p*p*C) per token, then unpatchify (DeeDiff's UEM).
+    U-Net (map (B, C_i, H_i, W_i)): 1x1 conv C_i -> C, then nearest interpolation to H x W.
+    With time_dim > 0 a sinusoidal embedding of the time input is concatenated to every token or
+    pixel (DeeDiff eq. 8, w^T [L_i, t] + b); written as proj(h) + time(emb), which is the same
+    linear map without materialising the concatenation.
+    """
+
+    def __init__(self, kind: str, width: int, channels: int, size: int, patch_size: int = 1, time_dim: int = 0):
+        super().__init__()
+        self.kind, self.width, self.channels, self.size = kind, width, channels, size
+        self.patch_size, self.time_dim = patch_size, time_dim
+        out = patch_size**2 * channels if kind == "uvit" else channels
+        self.proj = nn.Linear(width, out) if kind == "uvit" else nn.Conv2d(width, out, kernel_size=1)
+        self.time = nn.Linear(time_dim, out, bias=False) if time_dim > 0 else None
+        for m in (self.proj, self.time):  # U-ViT's init (trunc normal 0.02, zero bias): maps start at 0
+            if m is not None:
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, h: Tensor, model_t: Tensor | None = None) -> Tensor:
+        y = self.proj(h)  # U-ViT: (B, L, p*p*C); U-Net: (B, C, H_i, W_i)
+        if self.time is not None:
+            emb = timestep_embedding(batch_time(model_t, h.shape[0]), self.time_dim).to(y.dtype)
+            y = y + (self.time(emb)[:, None, :] if self.kind == "uvit" else self.time(emb)[:, :, None, None])
+        if self.kind == "uvit":
+            return unpatchify(y, self.channels, self.patch_size)  # (B, C, H, W)
+        if y.shape[-1] != self.size:
+            y = F.interpolate(y, size=(self.size, self.size), mode="nearest")
+        return y
+
+    def gmacs(self, hidden_shape: tuple[int, ...]) -> float:
+        """Multiply-adds of one call for one sample with the given per-sample hidden shape, in G."""
+        positions = math.prod(hidden_shape[:-1]) if self.kind == "uvit" else math.prod(hidden_shape[1:])
+        out = self.proj.out_features if self.kind == "uvit" else self.proj.out_channels
+        return (positions * self.width * out + self.time_dim * out) / 1e9
+
+
+def pixel_map(backbone: nn.Module, i: int, time_dim: int = 0) -> PixelMap:
+    """The PixelMap that reads exit i of `backbone` and writes a map of the output's shape."""
+    kind = backbone_kind(backbone)
+    if kind == "uvit":
+        return PixelMap(kind, backbone.embed_dim, backbone.in_chans, backbone.img_size,
+                        patch_size=backbone.patch_size, time_dim=time_dim)
+    return PixelMap(kind, backbone.exit_channels[i], backbone.out_ch, backbone.resolution, time_dim=time_dim)
+
+
+def hidden_shapes(backbone: nn.Module) -> list[tuple[int, ...]]:
+    """Per-sample shape of the hidden state at every exit (from one batch-1 pass, no grad)."""
+    p = next(backbone.parameters())
+    if backbone_kind(backbone) == "uvit":
+        side = backbone.img_size // backbone.patch_size
+        return [(side * side, backbone.embed_dim)] * backbone.num_exits
+    x = torch.zeros(1, backbone.in_channels, backbone.resolution, backbone.resolution, device=p.device, dtype=p.dtype)
+    shapes = []
+    with torch.no_grad():
+        state = backbone.prepare(x, torch.zeros(1, device=p.device))
+        for i in range(backbone.num_exits):
+            state = backbone.run_block(i, state)
+            shapes.append(tuple(backbone.hidden(state).shape[1:]))
+    return shapes
+
+
+# ---- hyper-parameters ---------------------------------------------------------------------
+
+
+def resolve_hparams(method: str, given: dict, defaults: dict, choices: dict[str, tuple] | None = None) -> dict:
+    """Defaults updated by `given`; unknown names and values outside `choices` raise ValueError."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"method {method!r} has no hyper-parameter {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(sorted(defaults))}")
+    hp = {**defaults, **given}
+    for key, valid in (choices or {}).items():
+        if hp[key] not in valid:
+            raise ValueError(f"method {method!r}: {key}={hp[key]!r} is not one of {valid}")
+    return hp
