@@ -83,6 +83,43 @@ def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE
         typer.echo(f"  {key:24s} {value}")
 
 
+@app.command("eval")
+def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
+                 dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
+                 backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
+                 samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
+                 results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
+                 thresholds: Optional[str] = typer.Option(
+                     None, "--thresholds", help="comma-separated; 'full' for full depth (default: the method's)"),
+                 force: bool = typer.Option(False, "--force", help="re-measure cells that are already stored"),
+                 quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
+    """Evaluate a trained checkpoint at one or more thresholds (full depth measured first, same run)."""
+    try:
+        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                        sets, results, device)
+        from bench.run import default_threshold, evaluate, finished_checkpoint, skip_stored
+        from methods import build_method
+
+        checkpoint = finished_checkpoint(cfg)
+        if thresholds is None:
+            wanted = [default_threshold(cfg, build_method(cfg["run"]["method"], cfg["method"]))]
+        else:
+            wanted = [None if t.strip() == "full" else float(t) for t in thresholds.split(",")]
+        todo = wanted if force else skip_stored(cfg, wanted)
+        if not todo:
+            typer.echo("every requested cell is already stored (use --force to re-measure)")
+            return
+        rows = evaluate(cfg, checkpoint, todo, progress=not quiet, force=force)
+    except _user_errors() as err:
+        _fail(err)
+    except ValueError as err:
+        _fail(ValueError(f"--thresholds must be numbers or 'full': {err}"))
+    typer.echo(f"{'threshold':>10s} {'layers':>7s} {'GMACs':>8s} {'s/img':>9s} {'speedup':>8s} {'theory':>7s}")
+    for row in rows:
+        typer.echo(f"{str(row['threshold'] or 'full'):>10s} {row['layer_ratio']:7.3f} {row['gflops']:>8} "
+                   f"{row['seconds_per_image']:9.4f} {row['measured_speedup']:8.2f} {row['theoretical_speedup']:>7}")
+
+
 @app.command("train")
 def train_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
                   dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,

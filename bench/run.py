@@ -1,4 +1,9 @@
-"""`bench run`: train (or reuse a finished checkpoint of the same config), sample, store a row."""
+"""`bench run` and `bench eval`: train or reuse a checkpoint, sample through the engine, store rows.
+
+`evaluate` measures one trained model at several thresholds in one process, the full-depth
+model first, so that every row carries its speed-up measured against full depth on the same
+machine in the same run (realised) next to the theoretical one (from GFLOPs).
+"""
 from __future__ import annotations
 
 import time
@@ -6,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import load_weights_into
+from bench.checkpoint import checkpoint_dir, load_weights_into
 from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
-from bench.store import append_row, provenance
+from bench.store import append_row, has_cell, provenance
 from bench.train import train
 from methods import build_method
 
@@ -20,46 +25,90 @@ def scale_label(cfg: dict, device: torch.device) -> str:
     return f"{device.type}-{cfg['run']['profile']}"
 
 
+def default_threshold(cfg: dict, method) -> float | None:
+    """sample.threshold if set, else the method's own `threshold` hyper-parameter (None: full depth)."""
+    value = cfg["sample"]["threshold"]
+    return method.hparams.get("threshold") if value is None else value
+
+
 def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
-    """The whole pipeline for one cell; returns the row it stored."""
-    r, s = cfg["run"], cfg["sample"]
-    device = resolve_device(r["device"])
+    """Train (or reuse), then evaluate at the configured threshold; returns the row."""
     tick = time.perf_counter()
     checkpoint = train(cfg, progress=progress)
     train_seconds = time.perf_counter() - tick
+    method = build_method(cfg["run"]["method"], cfg["method"])
+    rows = evaluate(cfg, checkpoint, [default_threshold(cfg, method)], progress=progress, force=force,
+                    extra={"train_seconds_this_call": round(train_seconds, 1)})
+    return rows[-1]
 
+
+def finished_checkpoint(cfg: dict) -> Path:
+    """The final checkpoint of this config, or an error that says which command makes it."""
+    path = checkpoint_dir(cfg) / "final.pt"
+    if not path.exists():
+        r = cfg["run"]
+        raise FileNotFoundError(
+            f"no trained checkpoint for this configuration ({path}); make it with "
+            f"`bench train --method {r['method']} --dataset {r['dataset']} --profile {r['profile']}` "
+            f"and the same --set options, or use `bench run`")
+    return path
+
+
+def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, progress: bool = True,
+             force: bool = False, extra: dict | None = None) -> list[dict]:
+    """Sample at each threshold (None = full depth, measured first as the reference); one row each."""
+    r, s = cfg["run"], cfg["sample"]
+    device = resolve_device(r["device"])
     method = build_method(r["method"], cfg["method"])
     model = build_model(cfg, method)
     load_weights_into(model, checkpoint, prefer="ema")
-    model.to(device)
+    model.to(device).eval()
     schedule = build_schedule(cfg)
     resolution, channels, _ = image_geometry(cfg)
-    images, stats = generate(model, schedule, s, r["seed"], (channels, resolution, resolution), device,
-                             progress=progress, method=method)
+    shape = (channels, resolution, resolution)
+    flops = model.backbone.flops_per_part() if _fvcore_available() else None
 
     from bench.data import dataset_checksum
 
-    cell = f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}-seed{r['seed']}"
-    grid = save_grid(images[:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
-    flops = model.backbone.flops_per_part() if _fvcore_available() else None
-    row = {
+    common = {
         "experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
         "dataset": r["dataset"], "profile": r["profile"], "scale": scale_label(cfg, device),
-        "sampler": s["sampler"], "steps": s["steps"], "threshold": "" if s["threshold"] is None else s["threshold"],
-        "seed": r["seed"],
-        "n_samples": s["n_samples"], "fid": "", "kid": "",
-        "layer_ratio": round(stats["layer_ratio"], 6),
-        "gflops": round(gflops_per_call(flops, stats["record"]), 4) if flops else "",
-        "gflops_convention": "fvcore multiply-adds (1 MAC = 1 flop), attention counted, per network call",
-        "seconds_per_image": round(stats["seconds_per_image"], 5), "batch_size": s["batch_size"],
-        "mode": s["engine_mode"], "device": str(device), "train_steps": cfg["train"]["steps"],
-        "train_seconds_this_call": round(train_seconds, 1),
+        "sampler": s["sampler"], "steps": s["steps"], "seed": r["seed"], "n_samples": s["n_samples"],
+        "batch_size": s["batch_size"], "mode": s["engine_mode"], "device": str(device),
+        "train_steps": cfg["train"]["steps"],
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
-        "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg),
-        "checkpoint": str(checkpoint), "grid": str(grid or ""), **provenance(),
+        "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg), "checkpoint": str(checkpoint),
     }
-    row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
-    return row
+    full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
+    rows = []
+    for threshold in thresholds:
+        m = full if threshold is None else _measure(model, method, schedule, cfg, threshold, shape, device,
+                                                    flops, progress)
+        cell = (f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}"
+                f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}")
+        grid = save_grid(m["images"][:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
+        row = {
+            **common, "threshold": "" if threshold is None else threshold, "fid": "", "kid": "",
+            "layer_ratio": round(m["layer_ratio"], 6),
+            "gflops": "" if m["gflops"] is None else round(m["gflops"], 5),
+            "gflops_convention": "fvcore multiply-adds (1 MAC = 1 flop), attention counted, per network call",
+            "seconds_per_image": round(m["seconds_per_image"], 6),
+            "full_seconds_per_image": round(full["seconds_per_image"], 6),
+            "measured_speedup": round(full["seconds_per_image"] / m["seconds_per_image"], 4),
+            "theoretical_speedup": "" if m["gflops"] is None else round(full["gflops"] / m["gflops"], 4),
+            "grid": str(grid or ""), **(extra or {}), **provenance(),
+        }
+        row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
+        rows.append(row)
+    return rows
+
+
+def _measure(model, method, schedule, cfg, threshold, shape, device, flops, progress) -> dict:
+    sample_cfg = {**cfg["sample"], "threshold": threshold}
+    images, stats = generate(model, schedule, sample_cfg, cfg["run"]["seed"], shape, device, progress=progress,
+                             method=method)
+    gflops = gflops_per_call(flops, stats["record"]) if flops else None
+    return {"images": images, "gflops": gflops, **stats}
 
 
 def _fvcore_available() -> bool:
@@ -68,3 +117,14 @@ def _fvcore_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def skip_stored(cfg: dict, thresholds: list) -> list:
+    """The thresholds whose cells are not yet in the results store."""
+    r, s = cfg["run"], cfg["sample"]
+    path = Path(r["results"]) / "runs.csv"
+    key = {"experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
+           "dataset": r["dataset"], "profile": r["profile"], "sampler": s["sampler"], "steps": s["steps"],
+           "seed": r["seed"], "n_samples": s["n_samples"], "batch_size": s["batch_size"], "mode": s["engine_mode"],
+           "config_hash": config_hash(cfg)}
+    return [t for t in thresholds if not has_cell(path, {**key, "threshold": "" if t is None else t})]

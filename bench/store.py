@@ -18,7 +18,7 @@ from pathlib import Path
 
 # The key of a cell: a row with the same values in these columns is the same measurement.
 CELL_KEY = ("experiment", "method", "backbone", "dataset", "profile", "sampler", "steps", "threshold", "seed",
-            "n_samples", "config_hash")
+            "n_samples", "batch_size", "mode", "config_hash")
 
 
 @contextmanager

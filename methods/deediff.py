@@ -126,7 +126,7 @@ class DeeDiff(Method):
                 w = w.detach() if self.hp["ual_detach"] else w
                 l_ual = sum(w[i] * errors[i].pow(2).mean() for i in range(n))
         loss = l_simple + self.hp["lambda_u"] * l_u + self.hp["beta_ual"] * l_ual  # eq. 13
-        logs = {"loss": loss.item(), "l_simple": l_simple.item(), "l_u": l_u.item(), "l_ual": float(l_ual)}
+        logs = {"loss": loss.item(), "l_simple": l_simple.item(), "l_u": l_u.item(), "l_ual": l_ual.item()}
         return loss, logs
 
     # ---- inference ---------------------------------------------------------------------
