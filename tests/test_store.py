@@ -8,7 +8,7 @@ from bench.store import CELL_KEY, append_row, has_cell, read_rows
 def _row(seed=0, threshold=0.1, **extra):
     return {"experiment": "test", "method": "baseline", "backbone": "uvit_tiny", "dataset": "mnist",
             "profile": "tiny", "sampler": "dpm_solver", "steps": 25, "threshold": threshold, "seed": seed,
-            "n_samples": 64, "config_hash": "abc123", "fid": 12.5, **extra}
+            "n_samples": 64, "batch_size": 64, "mode": "realised", "config_hash": "abc123", "fid": 12.5, **extra}
 
 
 def _csv(path):
