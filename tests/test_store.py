@@ -29,7 +29,7 @@ def test_append_writes_header_and_row(tmp_path):
     assert rows[0] == list(_row(note=None))
     assert set(CELL_KEY) <= set(rows[0])
     assert rows[1] == ["test", "baseline", "uvit_tiny", "mnist", "tiny", "dpm_solver", "25", "0.1", "0", "64",
-                       "abc123", "12.5", ""]
+                       "64", "realised", "abc123", "12.5", ""]
     assert len(rows) == 2
     assert has_cell(path, _row()) and not has_cell(path, _row(seed=1))
     assert _leftovers(path.parent) == []
