@@ -151,6 +151,14 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
             set_key(cfg, f"run.{key}", value)
     r = cfg["run"]
 
+    from bench.data import DATASETS
+    from methods import METHODS
+
+    # A registered dataset or method needs no bench.yaml entry; the entry adds paths and settings.
+    for name in DATASETS.names():
+        cfg["datasets"].setdefault(name, {"name": name})
+    for name in METHODS.names():
+        cfg["methods"].setdefault(name, {})
     _check_name("profile", r["profile"], cfg["profiles"])
     _check_name("dataset", r["dataset"], cfg["datasets"])
     _check_name("method", r["method"], cfg["methods"])
