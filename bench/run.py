@@ -107,7 +107,8 @@ def _measure(model, method, schedule, cfg, threshold, shape, device, flops, prog
     sample_cfg = {**cfg["sample"], "threshold": threshold}
     images, stats = generate(model, schedule, sample_cfg, cfg["run"]["seed"], shape, device, progress=progress,
                              method=method)
-    gflops = gflops_per_call(flops, stats["record"]) if flops else None
+    decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
+    gflops = gflops_per_call(flops, stats["record"], decide) if flops else None
     return {"images": images, "gflops": gflops, **stats}
 
 

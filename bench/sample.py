@@ -43,10 +43,9 @@ def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...
     return torch.cat(images), stats
 
 
-def gflops_per_call(flops: dict[str, float], record: ExitRecord) -> float:
-    """Mean fvcore cost of one network call from what ran: prepare + blocks up to the exit + that exit's head.
-
-    Exit modules of a method (UEMs, exit predictors) are not counted yet.
+def gflops_per_call(flops: dict[str, float], record: ExitRecord, decide_gmacs: list[float] | None = None) -> float:
+    """Mean fvcore cost of one network call from what ran: prepare + blocks up to the exit + that exit's head,
+    plus, where the method asked after block j (threshold set), its cost of deciding there (UEMs, exit predictors).
     """
     blocks = [flops[k] for k in sorted((k for k in flops if k.startswith("block_")), key=lambda k: int(k[6:]))]
     cumulative = torch.tensor(blocks, dtype=torch.float64).cumsum(0)
@@ -54,7 +53,11 @@ def gflops_per_call(flops: dict[str, float], record: ExitRecord) -> float:
     exits = torch.cat(record.exit_blocks)
     heads = torch.tensor([flops.get(f"head_{i}", flops[f"head_{last}"]) for i in range(len(blocks))],
                          dtype=torch.float64)
-    return float((flops["prepare"] + cumulative[exits] + heads[exits]).mean())
+    cost = flops["prepare"] + cumulative[exits] + heads[exits]
+    if decide_gmacs is not None:
+        deciding = torch.tensor(decide_gmacs, dtype=torch.float64).cumsum(0)
+        cost = cost + deciding[exits.clamp(max=len(decide_gmacs) - 1)]
+    return float(cost.mean())
 
 
 def _sync(device: torch.device) -> None:

@@ -114,7 +114,7 @@ class DeeDiff(Method):
             l_u = sum(u_terms)                                             # eq. 10
             l_ual = zero
             if self.hp["layerwise_loss"]:                                  # eq. 12, exits 1..N-1
-                for ui, e in zip(u, errors):
+                for ui, e in zip(u[:-1], errors[:-1]):
                     w = 1.0 - (ui.detach() if self.hp["ual_detach"] else ui)
                     l_ual = l_ual + (w * e.pow(2)).mean()
         else:  # the official sde.py: mos_lte and mos_layer_wise
