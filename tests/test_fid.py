@@ -60,7 +60,8 @@ def test_converted_extractor_matches_torchscript(cache, extractor):
     scripted = inception.load_torchscript(inception.find_torchscript())
     # uint8 299x299: torch-fidelity's internal TF-style resize is the identity; the TorchScript takes
     # (x - 128) / 128 itself.
-    images = torch.randint(0, 256, (4, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (4, 3, 299, 299), dtype=torch.uint8, generator=gen)
     assert inception.compare_features(scripted, extractor, images) < 1e-5
 
 
@@ -132,7 +133,8 @@ def test_reference_cache_key_and_hit(tmp_path, monkeypatch):
     b = reference_statistics("mnist", MNIST, split="test", per_class=2, cache_dir=tmp_path)
     c = reference_statistics("mnist", MNIST, split="test", per_class=3, cache_dir=tmp_path)
     assert calls == [20, 30] and a.path == b.path != c.path
-    assert np.array_equal(a.mu, b.mu) and a.sigma.dtype == np.float64 and b.n == 20 and b.features.shape == (20, 16)
+    assert np.array_equal(a.mu, b.mu) and a.sigma.dtype == np.float64
+    assert b.n == 20 and b.features.shape == (20, 16)
     assert b.meta["subset"] == "per_class=2" and len(b.meta["checksum"]) == 64
 
 
@@ -144,7 +146,8 @@ def test_reference_cache_key_and_hit(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def cifar_reference(cache, extractor):
     shared(Path(CIFAR.format(split="test")))
-    return reference_statistics("cifar10", CIFAR, split="test", per_class=5, cache_dir=cache, extractor=extractor)
+    return reference_statistics("cifar10", CIFAR, split="test", per_class=5, cache_dir=cache,
+                                extractor=extractor)
 
 
 def _cifar_other_half() -> torch.Tensor:
@@ -162,10 +165,10 @@ def test_fid_within_dataset_small_across_datasets_large(cache, extractor, cifar_
     across = fid_kid(digits, cifar_reference, extractor=extractor)
     assert within["n_generated"] == across["n_generated"] == 50 and within["n_reference"] == 50
     assert within["fid_method"] == "nuclear-norm" and within["kid_subset_size"] == 50
-    print(within, across)
-    # n = 50 biases FID upwards; only the ratio is meaningful here.
-    assert across["fid"] > 2 * within["fid"] > 0
-    assert across["kid_mean"] > 3 * max(within["kid_mean"], 1e-3)
+    # At n = 50 FID is dominated by its small-sample bias (about 220 within CIFAR-10, 380 across: the
+    # bias is shared, so the ratio stays modest); KID is unbiased: about 0 within, 0.29 across.
+    assert across["fid"] > 1.5 * within["fid"] > 0
+    assert abs(within["kid_mean"]) < 0.02 and across["kid_mean"] > 0.1
     # Determinism, and the lossless PNG copy gives the same numbers.
     again = fid_kid(tmp_path / "png", cifar_reference, extractor=extractor)
     assert len(list((tmp_path / "png").glob("*.png"))) == 50

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .inception import cache_root, ensure_inception_weights, InceptionWeightsNotFound, load_converted, WEIGHTS_NAME
+from .inception import (WEIGHTS_NAME, InceptionWeightsNotFound, cache_root, ensure_inception_weights,
+                        load_converted)
 
 FEATURE = "2048"  # torch-fidelity: get_default_feature_layer_for_metric("fid") == ("kid") == "2048"
 KID_SUBSETS = 100  # torch-fidelity's defaults (after Binkowski et al. 2018)
@@ -66,7 +67,8 @@ def feature_extractor(device: str | torch.device = "cpu", cache_dir: str | os.Pa
     if key not in _EXTRACTORS:
         if path is not None:
             load_converted(path)  # tensors only; torch-fidelity then reads it with weights_only=False
-        model = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE], feature_extractor_weights_path=path)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE],
+                                            feature_extractor_weights_path=path)
         _EXTRACTORS[key] = model.to(device).to(memory_format=torch.channels_last).eval()
     return _EXTRACTORS[key]
 
@@ -97,7 +99,8 @@ def _batches(images, batch_size: int, num_workers: int):
         loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         first = lambda b: b[0] if isinstance(b, (list, tuple)) else b  # noqa: E731  (image, label)
         return len(images), (to_uint8(first(b)) for b in loader)
-    raise TypeError(f"images must be a tensor, an array, a Dataset or a folder path, not {type(images).__name__}")
+    raise TypeError("images must be a tensor, an array, a Dataset or a folder path, not "
+                    f"{type(images).__name__}")
 
 
 def image_folder(path: str | os.PathLike) -> Dataset:
@@ -177,7 +180,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"shapes differ: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
     diff = mu1 - mu2
@@ -219,8 +223,9 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = KID
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = int(min(subset_size, len(f1), len(f2)))
-    out = kid_features_to_metric(torch.from_numpy(np.asarray(f1, np.float32)), torch.from_numpy(np.asarray(f2, np.float32)),
-                                 kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
+    t1, t2 = (torch.from_numpy(np.asarray(f, np.float32)) for f in (f1, f2))
+    out = kid_features_to_metric(t1, t2, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
+                                 verbose=False)
     return {"kid_mean": out[KEY_METRIC_KID_MEAN], "kid_std": out[KEY_METRIC_KID_STD],
             "kid_subsets": subsets, "kid_subset_size": size}
 
@@ -253,7 +258,8 @@ class ReferenceStats:
         """Written atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = dict(mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=np.array(json.dumps(self.meta)))
+        arrays = dict(mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                      meta=np.array(json.dumps(self.meta)))
         if self.features is not None:
             arrays["features"] = self.features
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
@@ -325,7 +331,8 @@ def reference_statistics(dataset: str, path=None, split: str = "train", resoluti
         if {k: stats.meta.get(k) for k in key} == key:
             return stats
     ds = reference_dataset(dataset, path, split, resolution, limit, per_class, **dataset_kwargs)
-    features = compute_features(ds, extractor=extractor, device=device, batch_size=batch_size, progress=progress)
+    features = compute_features(ds, extractor=extractor, device=device, batch_size=batch_size,
+                                progress=progress)
     mu, sigma = feature_statistics(features)
     stats = ReferenceStats(mu, sigma, len(features), features, {**key, "n": len(features)})
     stats.save(cached)
@@ -337,9 +344,10 @@ def reference_statistics(dataset: str, path=None, split: str = "train", resoluti
 # ---------------------------------------------------------------------------------------------------
 
 
-def fid_kid(generated, reference: ReferenceStats | str | os.PathLike, *, extractor: torch.nn.Module | None = None,
-            device: str | torch.device = "cpu", batch_size: int = 50, save_png_dir: str | os.PathLike | None = None,
-            kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, kid_seed: int = KID_SEED,
+def fid_kid(generated, reference: ReferenceStats | str | os.PathLike, *,
+            extractor: torch.nn.Module | None = None, device: str | torch.device = "cpu", batch_size: int = 50,
+            save_png_dir: str | os.PathLike | None = None, kid_subsets: int = KID_SUBSETS,
+            kid_subset_size: int = KID_SUBSET_SIZE, kid_seed: int = KID_SEED,
             progress: bool = False) -> dict[str, Any]:
     """FID and KID of ``generated`` against ``reference`` (ReferenceStats or its .npz).
 
@@ -354,7 +362,8 @@ def fid_kid(generated, reference: ReferenceStats | str | os.PathLike, *, extract
         if isinstance(generated, (str, os.PathLike)):
             raise ValueError("save_png_dir is for images held in memory; these are already files")
         save_pngs(generated, save_png_dir)
-    feats = compute_features(generated, extractor=extractor, device=device, batch_size=batch_size, progress=progress)
+    feats = compute_features(generated, extractor=extractor, device=device, batch_size=batch_size,
+                             progress=progress)
     n_gen, d = feats.shape
     if ref.features is not None and min(n_gen, ref.n) < d:
         fid, method = frechet_distance_from_features(feats, ref.features), "nuclear-norm"
@@ -365,7 +374,8 @@ def fid_kid(generated, reference: ReferenceStats | str | os.PathLike, *, extract
     else:
         kid = {"kid_mean": float("nan"), "kid_std": float("nan"), "kid_subsets": 0, "kid_subset_size": 0}
     return {"fid": fid, **{k: kid[k] for k in ("kid_mean", "kid_std")}, "n_generated": int(n_gen),
-            "n_reference": int(ref.n), "kid_subsets": kid["kid_subsets"], "kid_subset_size": kid["kid_subset_size"],
+            "n_reference": int(ref.n), "kid_subsets": kid["kid_subsets"],
+            "kid_subset_size": kid["kid_subset_size"],
             "fid_method": method, "reference_dataset": ref.meta.get("dataset", ""),
             "reference_split": ref.meta.get("split", ""), "reference_subset": ref.meta.get("subset", ""),
             "reference_checksum": ref.meta.get("checksum", "")}

@@ -124,7 +124,8 @@ def _conv_blocks(names: list[str], prefix: str, block_of) -> "OrderedDict[str, l
     return blocks
 
 
-def convert_state_dict(scripted: torch.nn.Module, skeleton: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def convert_state_dict(scripted: torch.nn.Module,
+                       skeleton: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The TorchScript's parameters in torch-fidelity's layout (see the module docstring)."""
     src = scripted.state_dict()
     dst_template = skeleton.state_dict()
