@@ -67,14 +67,23 @@ def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema") -
         weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
         own = model.state_dict()
         missing_extras = {k: v for k, v in own.items() if k.startswith("extras.") and k not in weights}
-        result = model.load_state_dict({**missing_extras, **weights}, strict=True)
-        return result
+        return load_state_into(model, {**missing_extras, **weights})
     # An official checkpoint has no per-exit heads (DDIM U-Net): those, and only those, may be missing.
     result = model.backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("exit_heads.")]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{spec} does not match {model.backbone.__class__.__name__}: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+
+
+def load_state_into(model: nn.Module, weights: dict, strict: bool = True):
+    """model.load_state_dict(weights), after each extras module that has `fit_to_weights(model, weights)`
+    has fitted the freshly built model to the weights (the pruning method re-creates its pruned widths)."""
+    for module in getattr(model, "extras", {}).values():
+        fit = getattr(module, "fit_to_weights", None)
+        if fit is not None:
+            fit(model, weights)
+    return model.load_state_dict(weights, strict=strict)
 
 
 def export_weights(src: str | Path, dst: str | Path, half: bool = True) -> Path:

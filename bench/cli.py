@@ -25,10 +25,9 @@ RESULTS = typer.Option(None, "--results", help="results directory (default: resu
 DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N")
 
 
-def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
-              results, device) -> dict:
-    from bench.config import load_config, resolve
-
+def _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets, results,
+            device) -> tuple[dict, list[str]]:
+    """The command line's layer of the config: run-section values and key=value overrides."""
     overrides = list(sets or [])
     for key, value in (("data.path", dataset_path), ("model.backbone", backbone), ("sample.sampler", sampler),
                        ("sample.steps", steps), ("sample.n_samples", samples)):
@@ -36,6 +35,15 @@ def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler,
             overrides.insert(0, f"{key}={value}")
     run = {"profile": profile, "dataset": dataset, "method": method, "seed": seed, "results": results,
            "device": device}
+    return run, overrides
+
+
+def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
+              results, device) -> dict:
+    from bench.config import load_config, resolve
+
+    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
+                             results, device)
     return resolve(load_config(config), run=run, overrides=overrides)
 
 
@@ -200,6 +208,88 @@ def ls_command(what: str = typer.Argument("all", help="methods | backbones | dat
             typer.echo(f"{name}:")
             for key, text in table.items():
                 typer.echo(f"  {key:22s} {text}")
+
+
+# ---- sweeps on Ray Tune (bench/sweep.py) -----------------------------------------------------
+
+sweep_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Sweeps on Ray Tune, one trial per cell; the results store decides what is done.")
+app.add_typer(sweep_app, name="sweep")
+
+ADDRESS = typer.Option(None, "--address", help="join this Ray cluster (default: a private runtime on this machine)")
+METHODS = typer.Option(None, "--methods", help="comma-separated methods (default: --method)")
+
+
+def _sweep_errors():
+    return (*_user_errors(), ConnectionError)
+
+
+def _sweep_failed(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@sweep_app.command("thresholds")
+def sweep_thresholds_command(
+        config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
+        dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
+        backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
+        samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
+        results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
+        thresholds: Optional[str] = typer.Option(
+            None, "--thresholds", help="comma-separated; 'full' for full depth (default: methods.<name>.thresholds "
+                                       "in bench.yaml, else the method's own grid)"),
+        address: Optional[str] = ADDRESS,
+        force: bool = typer.Option(False, "--force", help="re-measure cells that are already stored"),
+        quiet: bool = typer.Option(False, "--quiet", help="no Tune status tables")) -> None:
+    """Evaluate trained checkpoints at every threshold of a grid, one Ray Tune trial per cell.
+
+    Missing checkpoints are trained first, one trial per method.
+
+    Cells already in <results>/runs.csv are skipped: run it again to do only what is missing.
+    """
+    from bench.sweep import SweepError, parse_list, parse_thresholds, sweep_thresholds
+
+    try:
+        run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                                 sets, results, device)
+        sweep_thresholds(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+                         thresholds=parse_thresholds(thresholds) if thresholds is not None else None,
+                         address=address, force=force, quiet=quiet, echo=typer.echo)
+    except _sweep_errors() as err:
+        _fail(err)
+    except SweepError as err:
+        _sweep_failed(err)
+
+
+@sweep_app.command("train")
+def sweep_train_command(
+        config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
+        dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
+        datasets: Optional[str] = typer.Option(None, "--datasets", help="comma-separated datasets (default: --dataset)"),
+        backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED,
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds (default: --seed)"),
+        grid: Optional[list[str]] = typer.Option(
+            None, "--grid", help="key=v1,v2 over any config key, applied after --set (repeatable: a product)"),
+        sets: Optional[list[str]] = SET, device: Optional[str] = DEVICE, address: Optional[str] = ADDRESS,
+        quiet: bool = typer.Option(False, "--quiet", help="no Tune status tables")) -> None:
+    """Train a grid of configurations (methods x datasets x seeds x --grid), one Ray Tune trial each.
+
+    Configurations that already have a final checkpoint are skipped.
+    """
+    from bench.sweep import SweepError, parse_grid, parse_list, parse_seeds, sweep_train
+
+    try:
+        run, overrides = _layers(profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets, None,
+                                 device)
+        sweep_train(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+                    datasets=parse_list(datasets, "--datasets") if datasets else None,
+                    seeds=parse_seeds(seeds) if seeds else None, grid=parse_grid(grid), address=address,
+                    quiet=quiet, echo=typer.echo)
+    except _sweep_errors() as err:
+        _fail(err)
+    except SweepError as err:
+        _sweep_failed(err)
 
 
 if __name__ == "__main__":

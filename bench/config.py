@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-WORKING_SECTIONS = ("data", "model", "train", "sample", "method")
+WORKING_SECTIONS = ("data", "model", "train", "sample", "eval", "method")
 
 
 class ConfigError(ValueError):

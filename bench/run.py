@@ -28,7 +28,7 @@ def scale_label(cfg: dict, device: torch.device) -> str:
 def default_threshold(cfg: dict, method) -> float | None:
     """sample.threshold if set, else the method's own `threshold` hyper-parameter (None: full depth)."""
     value = cfg["sample"]["threshold"]
-    return method.hparams.get("threshold") if value is None else value
+    return getattr(method, "threshold", None) if value is None else value
 
 
 def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
@@ -79,6 +79,7 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
         "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg), "checkpoint": str(checkpoint),
     }
+    reference = _reference(cfg, device, progress) if cfg["eval"]["fid"] else None
     full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
     rows = []
     for threshold in thresholds:
@@ -88,7 +89,7 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
                 f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}")
         grid = save_grid(m["images"][:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
         row = {
-            **common, "threshold": "" if threshold is None else threshold, "fid": "", "kid": "",
+            **common, "threshold": "" if threshold is None else threshold,
             "layer_ratio": round(m["layer_ratio"], 6),
             "gflops": "" if m["gflops"] is None else round(m["gflops"], 5),
             "gflops_convention": "fvcore multiply-adds (1 MAC = 1 flop), attention counted, per network call",
@@ -96,7 +97,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
             "full_seconds_per_image": round(full["seconds_per_image"], 6),
             "measured_speedup": round(full["seconds_per_image"] / m["seconds_per_image"], 4),
             "theoretical_speedup": "" if m["gflops"] is None else round(full["gflops"] / m["gflops"], 4),
-            "grid": str(grid or ""), **(extra or {}), **provenance(),
+            "grid": str(grid or ""), **_fid_columns(m["images"], reference, cfg, device, progress),
+            **(extra or {}), **provenance(),
         }
         row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
         rows.append(row)
@@ -110,6 +112,29 @@ def _measure(model, method, schedule, cfg, threshold, shape, device, flops, prog
     decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
     gflops = gflops_per_call(flops, stats["record"], decide) if flops else None
     return {"images": images, "gflops": gflops, **stats}
+
+
+def _reference(cfg: dict, device: torch.device, progress: bool):
+    """Reference Inception statistics of the configured dataset subset (computed once, cached)."""
+    from bench.evaluate import reference_statistics
+
+    e, d = cfg["eval"], cfg["data"]
+    return reference_statistics(d["name"], d["path"], e["reference_split"], d["resolution"], limit=e["reference_limit"],
+                                per_class=e["reference_per_class"], device=device, batch_size=e["fid_batch_size"],
+                                progress=progress)
+
+
+def _fid_columns(images, reference, cfg: dict, device: torch.device, progress: bool) -> dict:
+    """fid, kid and how they were obtained; empty columns when FID is off."""
+    if reference is None:
+        return {"fid": "", "kid": ""}
+    from bench.evaluate import fid_kid
+
+    result = fid_kid(images, reference, device=device, batch_size=cfg["eval"]["fid_batch_size"], progress=progress)
+    meta = reference.meta
+    return {"fid": round(result["fid"], 4), "kid": round(result["kid_mean"], 6), "kid_std": round(result["kid_std"], 6),
+            "fid_n_reference": result["n_reference"], "fid_method": result["fid_method"],
+            "fid_reference": f"{meta.get('split', '')}:{meta.get('subset', '')}"}
 
 
 def _fvcore_available() -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_weights_into
+from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_state_into, load_weights_into
 from bench.config import config_hash
 from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
 from methods import build_method
@@ -62,6 +62,12 @@ def preload(dataset, num_workers: int, device: torch.device) -> tuple[torch.Tens
     return torch.cat(images).to(device), torch.cat(labels).to(device)
 
 
+def calibration_images(dataset, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """n training images in [-1, 1] drawn with the run seed, for a method's `prepare` (pruning's importance)."""
+    order = torch.randperm(len(dataset), generator=_step_generator(seed, 0, salt=2))[:n]
+    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in order]).float().to(device)
+
+
 def learning_rate(cfg_train: dict, step: int) -> float:
     """Linear warm-up over warmup_steps, then constant (U-ViT's schedule)."""
     warmup = cfg_train["warmup_steps"]
@@ -103,26 +109,30 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     torch.manual_seed(seed)  # the initial weights, too, follow from the run seed
     model = build_model(cfg, method).to(device)
     ema = build_model(cfg, method).to(device).requires_grad_(False)
+    state = load_checkpoint(last) if last.exists() else None
+    if state is not None:
+        if state["config_hash"] != config_hash(cfg):
+            raise RuntimeError(f"{last} belongs to another configuration; delete {run_dir} to start over")
+        load_state_into(model, state["model"])
+        load_state_into(ema, state["ema"])
+        start = state["step"]
+    else:
+        start = 0
+        if cfg["model"]["init_from"] and not getattr(method, "from_scratch", False):
+            load_weights_into(model, cfg["model"]["init_from"])
+        if hasattr(method, "prepare"):  # a change of the model before the first step (pruning), made once
+            method.prepare(model, calibration_images(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]),
+                                                     seed, device), schedule, _step_generator(seed, 0, salt=3))
+        load_state_into(ema, model.state_dict())
+    # the optimizer is built after any change of structure, so that it holds the final parameters
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith("pos_embed") or p.ndim < 2 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t_cfg["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]))
-
-    start = 0
-    if last.exists():
-        state = load_checkpoint(last)
-        if state["config_hash"] != config_hash(cfg):
-            raise RuntimeError(f"{last} belongs to another configuration; delete {run_dir} to start over")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    else:
-        if cfg["model"]["init_from"]:
-            load_weights_into(model, cfg["model"]["init_from"])
-        ema.load_state_dict(model.state_dict())
 
     log_path = run_dir / "loss.csv"
     _truncate_log(log_path, start)

@@ -16,5 +16,15 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 
 
 def build_method(name: str, hparams: dict | None = None):
-    """Instantiate the registered method `name` with its hyper-parameters."""
-    return METHODS.get(name)(hparams)
+    """Instantiate the registered method `name` with its hyper-parameters.
+
+    `threshold` and `thresholds` are the harness's keys (the operating point of `bench run` and
+    the sweep grid), not the method's: they become attributes and the plugin never sees them.
+    """
+    hparams = dict(hparams or {})
+    threshold, thresholds = hparams.pop("threshold", None), hparams.pop("thresholds", None)
+    method = METHODS.get(name)(hparams)
+    method.threshold = threshold
+    if thresholds is not None:
+        method.default_thresholds = tuple(thresholds)
+    return method

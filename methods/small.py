@@ -19,9 +19,10 @@ from __future__ import annotations
 from backbones.ddim_unet import CELEBA64, CIFAR10, TINY
 from methods import METHODS
 from methods.baseline import Baseline
+from methods.common import resolve_hparams
 
 DDIM_CONFIGS = {"ddim_cifar10": CIFAR10, "ddim_celeba64": CELEBA64, "ddim_tiny": TINY}
-HPARAMS = ("depth", "drop_levels", "num_res_blocks")
+DEFAULTS = {"depth": 6, "drop_levels": 1, "num_res_blocks": None}
 
 
 @METHODS.register("small", help="shallow model from scratch, L_simple (Table 4): U-ViT depth 6 = 7 blocks; "
@@ -33,23 +34,22 @@ class SmallModel(Baseline):
 
     def __init__(self, hparams: dict | None = None):
         super().__init__(hparams)
-        unknown = sorted(set(self.hparams) - set(HPARAMS))
-        if unknown:
-            raise ValueError(f"small: unknown hparams {unknown}; valid: {', '.join(HPARAMS)}")
+        self.hp = resolve_hparams("small", self.hparams, DEFAULTS)
 
     def backbone_overrides(self, backbone_name: str) -> dict:
         if backbone_name.startswith("uvit"):
-            depth = int(self.hparams.get("depth", 6))
+            depth = int(self.hp["depth"])
             if depth < 2 or depth % 2:
-                raise ValueError(f"small: U-ViT depth must be even and >= 2 (depth // 2 in- and out-blocks), got {depth}")
+                raise ValueError(f"small: U-ViT depth must be even and >= 2 (depth // 2 in- and out-blocks), "
+                                 f"got {depth}")
             return {"depth": depth}
         if backbone_name in DDIM_CONFIGS:
             base = DDIM_CONFIGS[backbone_name]
-            drop = int(self.hparams.get("drop_levels", 1))
+            drop = int(self.hp["drop_levels"])
             ch_mult = tuple(base["ch_mult"])
             if not 0 <= drop < len(ch_mult):
                 raise ValueError(f"small: drop_levels must be in 0..{len(ch_mult) - 1} for {backbone_name}, got {drop}")
-            blocks = self.hparams.get("num_res_blocks")
+            blocks = self.hp["num_res_blocks"]
             blocks = max(1, base["num_res_blocks"] // 2) if blocks is None else int(blocks)
             return {"ch_mult": ch_mult[:len(ch_mult) - drop], "num_res_blocks": blocks}
         raise ValueError(f"small: no shallow counterpart defined for backbone {backbone_name!r} "

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from backbones.contract import select_state
 from methods import METHODS
 from methods.base import DiffusionModel, Method
+from methods.common import resolve_hparams
 
 # Moon et al.'s DiT-XL/2 schedule: blocks kept of 28 per 100-step bucket, t = 0 -> 1000
 MOON_DIT_XL_BLOCKS = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
@@ -70,11 +71,12 @@ BUCKET_WIDTH = 100  # network-time steps per bucket
 PAPER_STATIC_LAYERS = (7, 9, 11)  # Table 5, 1-based layers of U-ViT-S's 13 blocks
 PAPER_DEPTH = 13
 SCHEDULES = ("fixed", "time")
-HPARAMS = ("schedule", "exit_block", "train_scale")
+DEFAULTS = {"schedule": "fixed", "exit_block": None, "train_scale": 1.0}
 
 
 def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    """floor(x + 1/2), with a little slack so that a float just below k + 1/2 by rounding error goes up."""
+    return int(math.floor(x + 0.5 + 1e-9))
 
 
 def dropped_fraction() -> Tensor:
@@ -120,14 +122,10 @@ class StaticExit(Method):
 
     def __init__(self, hparams: dict | None = None):
         super().__init__(hparams)
-        unknown = sorted(set(self.hparams) - set(HPARAMS))
-        if unknown:
-            raise ValueError(f"static: unknown hparams {unknown}; valid: {', '.join(HPARAMS)}")
-        self.schedule = self.hparams.get("schedule", "fixed")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"static: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        self.train_scale = float(self.hparams.get("train_scale", 1.0))
-        blocks = self.hparams.get("exit_block")
+        hp = resolve_hparams("static", self.hparams, DEFAULTS, {"schedule": SCHEDULES})
+        self.schedule = hp["schedule"]
+        self.train_scale = float(hp["train_scale"])
+        blocks = hp["exit_block"]
         self._exit_blocks = None if blocks is None else tuple(int(b) for b in (
             blocks if isinstance(blocks, (list, tuple)) else [blocks]))
         if self.schedule == "time":
@@ -176,14 +174,14 @@ class StaticExit(Method):
             else:
                 rows = per_sample == i
                 pred = bb.head(select_state(state, rows), i)
-                exit_sq = exit_sq + (pred - noise[rows]).pow(2).flatten(1).mean(1).sum()
+                exit_sq = exit_sq + (pred.float() - noise[rows].float()).pow(2).flatten(1).mean(1).sum()
         simple = F.mse_loss(bb.head(state, last), noise)
         if per_sample is None:
             exit_term = exit_sq / max(1, len(wanted))
         else:
             exit_term = exit_sq / x_t.shape[0]
         loss = simple + exit_term
-        logs.update(loss=loss.item(), l_simple=simple.item(), l_exit=float(exit_term))
+        logs.update(loss=loss.item(), l_simple=simple.item(), l_exit=float(exit_term.detach()))
         return loss, logs
 
     # ---- inference ------------------------------------------------------------------------

@@ -15,12 +15,16 @@ from methods import METHODS, build_method
 
 TINY_UVIT = {"model.backbone": "uvit_tiny", "model.kwargs": {"embed_dim": 32, "num_heads": 2}}
 TINY_UNET = {"model.backbone": "ddim_tiny", "model.schedule": "linear"}
+# Keep slow set-up steps short: pruning's importance loop on an untrained model never meets its stop rule.
+FAST = {"pruning": {"max_steps": 2, "calib_images": 4}}
 
 
 def _cfg(method: str, backbone: dict, tmp_path) -> dict:
     overrides = {**backbone, "model.init_from": None, "train.steps": 1, "train.batch_size": 4, "data.limit": 16,
                  "run.runs_dir": str(tmp_path / "runs"), "run.results": str(tmp_path / "results")}
-    return resolve(load_config(), run={"method": method, "dataset": "mnist", "profile": "tiny"}, overrides=overrides)
+    fast = {f"method.{key}": value for key, value in FAST.get(method, {}).items()}
+    return resolve(load_config(), run={"method": method, "dataset": "mnist", "profile": "tiny"},
+                   overrides={**overrides, **fast})
 
 
 def _method_and_model(cfg):
@@ -69,7 +73,8 @@ def test_bench_run_every_method_on_the_tiny_profile(name, tmp_path):
     args = ["run", "--method", name, "--quiet", "--samples", "2", "--steps", "2", "--results", str(tmp_path / "res"),
             "--set", f"run.runs_dir={tmp_path / 'runs'}", "--set", "model.init_from=null", "--set", "train.steps=1",
             "--set", "train.batch_size=4", "--set", "data.limit=16", "--set", "sample.grid=false",
-            "--set", "model.kwargs={embed_dim: 32, num_heads: 2}"]
+            "--set", "model.kwargs={embed_dim: 32, num_heads: 2}",
+            *[arg for key, value in FAST.get(name, {}).items() for arg in ("--set", f"method.{key}={value}")]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     with open(tmp_path / "res" / "runs.csv", newline="") as f:

@@ -1,0 +1,444 @@
+"""Sweeps on Ray Tune: threshold trade-off curves and training grids, one trial per cell.
+
+    bench sweep thresholds --methods deediff,bertxit,calm --dataset mnist --profile tiny
+    bench sweep train --methods deediff,bertxit --seeds 0,1 --grid train.lr=1e-3,2e-4
+
+The results store decides what is done, not Ray's experiment state: before anything starts,
+cells already in <results>/runs.csv are dropped (bench.run.skip_stored) and finished checkpoints
+are reused, so an interrupted sweep, run again, does only the missing cells, and a finished one
+starts no Ray at all. A threshold sweep first trains the checkpoints it lacks (one trial per
+method), then runs one trial per threshold; every trial measures the full-depth model in its own
+process before its threshold (bench.run.evaluate), so each row's speed-up compares like with like.
+
+Without --address a private Ray runtime starts on this machine: its servers listen on 127.0.0.1
+only and it asks for a random token (ray_runtime). With --address the trials spread over an
+existing cluster; the results and runs folders must then be on a filesystem every node shares.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.config import ConfigError, load_config, parse_override, resolve
+
+Echo = Callable[[str], Any]
+
+
+class SweepError(RuntimeError):
+    """Some trials failed; the message names them (their tracebacks are in Ray's output above)."""
+
+
+# ---- the command line's lists -------------------------------------------------------------
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets, so that '{a: 1, b: 2},{a: 3}' is two values."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; an empty list is an error that names the flag."""
+    items = _split_top(str(text))
+    if not items:
+        raise ConfigError(f"{flag} is empty; give a comma-separated list")
+    return items
+
+
+def parse_thresholds(text: str) -> list[float | None]:
+    """'full,0.1,0.05' -> [None, 0.1, 0.05] ('full' is full depth: nothing exits)."""
+    out: list[float | None] = []
+    for item in parse_list(text, "--thresholds"):
+        if item.lower() in ("full", "none", "null"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ConfigError(f"--thresholds: {item!r} is not a number or 'full' "
+                              f"(for example --thresholds full,0.1,0.05)") from None
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(item) for item in parse_list(text, "--seeds")]
+    except ValueError:
+        raise ConfigError(f"--seeds must be whole numbers like 0,1,2; got {text!r}") from None
+
+
+def parse_grid(items: list[str] | None) -> dict[str, list]:
+    """['train.lr=1e-3,2e-4', 'model.kwargs={depth: 7},{depth: 13}'] -> {key: [values]} (values read as YAML)."""
+    grid: dict[str, list] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r} is not of the form key=v1,v2 (for example --grid train.lr=1e-3,2e-4)")
+        key, values = item.split("=", 1)
+        key = key.strip()
+        grid[key] = [parse_override(f"{key}={value}")[1] for value in parse_list(values, f"--grid {key}")]
+    return grid
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """The cartesian product of a grid: one dict of overrides per point ([{}] for no grid)."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+# ---- cells --------------------------------------------------------------------------------
+
+def resolve_cells(config: str | Path | None, run: dict | None, overrides: list[str] | None, *,
+                  methods: list[str] | None = None, datasets: list[str] | None = None,
+                  seeds: list[int] | None = None, grid: dict[str, list] | None = None) -> list[tuple[str, dict]]:
+    """(label, resolved config) for every method x dataset x seed x grid point; user mistakes raise here.
+
+    A label names what varies (Tune's status table shows 20 characters of it), e.g. 'deediff/seed1'.
+    """
+    from methods import build_method
+
+    base = load_config(config)
+    run = dict(run or {})
+    methods = methods or [run.get("method") or base["run"]["method"]]
+    datasets = datasets or [run.get("dataset") or base["run"]["dataset"]]
+    seeds = seeds if seeds is not None else [base["run"]["seed"] if run.get("seed") is None else run["seed"]]
+    cells = []
+    for method, dataset, seed, point in itertools.product(methods, datasets, seeds, grid_points(grid or {})):
+        cfg = resolve(base, run={**run, "method": method, "dataset": dataset, "seed": seed}, overrides=overrides,
+                      sweep=point)
+        check_sweep_section(cfg)
+        try:
+            build_method(method, cfg["method"])  # a name that bench.yaml lists but no plugin registers, bad hparams
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        parts = [method] + [dataset] * (len(datasets) > 1) + [f"seed{seed}"] * (len(seeds) > 1)
+        cells.append(("/".join(parts) + "".join(f" {k}={v}" for k, v in point.items()), cfg))
+    return cells
+
+
+def method_thresholds(cfg: dict, method) -> list[float | None]:
+    """The grid of bench.yaml (methods.<name>.thresholds), else the method's default_thresholds, else full depth."""
+    grid = cfg["method"].get("thresholds")
+    if grid is None:
+        grid = list(getattr(method, "default_thresholds", ()) or ())
+    if not isinstance(grid, (list, tuple)):
+        raise ConfigError(f"methods.{cfg['run']['method']}.thresholds must be a list, got {grid!r}")
+    return list(grid) or [None]
+
+
+def check_thresholds(cfg: dict, method, thresholds: list) -> None:
+    low_high = getattr(method, "threshold_range", None)
+    for t in thresholds:
+        if t is None:
+            continue
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ConfigError(f"threshold {t!r} of {cfg['run']['method']} is not a number (or null for full depth)")
+        if low_high is not None and not low_high[0] <= t <= low_high[1]:
+            raise ConfigError(f"threshold {t} is outside the range of {cfg['run']['method']}'s exit signal "
+                              f"[{low_high[0]}, {low_high[1]}] ({getattr(method, 'signal', '')})")
+
+
+def _item(cfg: dict, **extra) -> dict:
+    return {"cfg": cfg, "cwd": os.getcwd(), **extra}
+
+
+def _checkpoint(cfg: dict) -> Path:
+    from bench.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(cfg) / "final.pt"
+
+
+# ---- the two sweeps -----------------------------------------------------------------------
+
+def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, overrides: list[str] | None = None, *,
+                     methods: list[str] | None = None, thresholds: list[float | None] | None = None,
+                     address: str | None = None, force: bool = False, quiet: bool = False,
+                     echo: Echo = print) -> dict[str, dict]:
+    """One trial per (method, threshold) cell not yet stored; trains missing checkpoints first.
+
+    Returns {cell label: the trial's metrics}; raises SweepError after all trials if any failed.
+    """
+    from bench.run import skip_stored
+    from methods import build_method
+
+    plan, to_train = {}, {}
+    cells = resolve_cells(config, run, overrides, methods=methods)
+    for label, cfg in cells:
+        method = build_method(cfg["run"]["method"], cfg["method"])
+        grid = list(thresholds) if thresholds is not None else method_thresholds(cfg, method)
+        check_thresholds(cfg, method, grid)
+        todo = grid if force else skip_stored(cfg, grid)
+        checkpoint = _checkpoint(cfg)
+        missing = todo and not checkpoint.exists()
+        echo(f"{label}: {len(grid)} threshold(s), {len(grid) - len(todo)} already stored, {len(todo)} to measure; "
+             f"checkpoint {checkpoint}{' (trained first)' if missing else ''}")
+        if missing:
+            to_train[label] = _item(cfg)
+        for t in todo:
+            plan[f"{label} @ {'full' if t is None else t}"] = _item(cfg, threshold=t, checkpoint=str(checkpoint),
+                                                                  force=force, method=label)
+    if not plan:
+        results = cells[0][1]["run"]["results"]
+        echo(f"nothing to do: every cell is already in {results}/runs.csv (use --force to re-measure)")
+        return {}
+
+    failures: dict[str, str] = {}
+    with ray_runtime(address, echo) as cluster:
+        settings = _trial_settings(cells[0][1], cluster, local=address is None, echo=echo)
+        if to_train:
+            trained = _run_trials("train", _train_trial, to_train, settings, quiet, echo)
+            failures.update({k: v for k, v in trained.items() if isinstance(v, str)})
+            plan = {k: v for k, v in plan.items() if v["method"] not in failures}
+        outcome = _run_trials("thresholds", _threshold_trial, plan, settings, quiet, echo) if plan else {}
+    failures.update({k: v for k, v in outcome.items() if isinstance(v, str)})
+    done = {k: v for k, v in outcome.items() if not isinstance(v, str)}
+    if done:
+        echo(f"{'cell':44s} {'layers':>7s} {'speedup':>8s} {'s/img':>9s}  stored")
+        for label, m in done.items():
+            echo(f"{label:44s} {m.get('layer_ratio', float('nan')):7.3f} {m.get('measured_speedup', float('nan')):8.2f} "
+                 f"{m.get('seconds_per_image', float('nan')):9.4f}  {'yes' if m.get('stored') else 'already'}")
+    _raise_failures(failures)
+    return done
+
+
+def sweep_train(config: str | Path | None = None, run: dict | None = None, overrides: list[str] | None = None, *,
+                methods: list[str] | None = None, datasets: list[str] | None = None, seeds: list[int] | None = None,
+                grid: dict[str, list] | None = None, address: str | None = None, quiet: bool = False,
+                echo: Echo = print) -> dict[str, dict]:
+    """Train every configuration of the grid that has no final checkpoint yet, one trial each."""
+    plan, seen = {}, {}
+    cells = resolve_cells(config, run, overrides, methods=methods, datasets=datasets, seeds=seeds, grid=grid)
+    for label, cfg in cells:
+        checkpoint = _checkpoint(cfg)
+        if checkpoint.exists():
+            echo(f"{label}: already trained ({checkpoint})")
+        elif checkpoint in seen:  # a grid key that does not change training (sample.*, run.experiment, ...)
+            echo(f"{label}: same model as {seen[checkpoint]}")
+        else:
+            seen[checkpoint] = label
+            plan[label] = _item(cfg)
+    if not plan:
+        echo("nothing to train: every configuration has its final checkpoint")
+        return {}
+    with ray_runtime(address, echo) as cluster:
+        settings = _trial_settings(cells[0][1], cluster, local=address is None, echo=echo)
+        outcome = _run_trials("train", _train_trial, plan, settings, quiet, echo)
+    done = {k: v for k, v in outcome.items() if not isinstance(v, str)}
+    for label, m in done.items():
+        echo(f"{label}: {m.get('checkpoint')} ({m.get('train_seconds', 0):.1f} s)")
+    _raise_failures({k: v for k, v in outcome.items() if isinstance(v, str)})
+    return done
+
+
+def _raise_failures(failures: dict[str, str]) -> None:
+    if failures:
+        lines = "\n".join(f"  {label}: {error}" for label, error in failures.items())
+        raise SweepError(f"{len(failures)} trial(s) failed (run the command again to retry only the missing "
+                         f"cells):\n{lines}")
+
+
+# ---- trials (they run in Ray workers) -----------------------------------------------------
+
+def _enter_trial(item: dict) -> None:
+    """Tune starts a trial in its own folder: go back to the folder the paths are relative to."""
+    import torch
+
+    if os.path.isdir(item["cwd"]):
+        os.chdir(item["cwd"])
+    torch.set_num_threads(item["threads"])
+
+
+def _train_trial(config: dict, plan: dict) -> None:
+    from ray import tune
+
+    from bench.train import train
+
+    item = plan[config["cell"]]
+    _enter_trial(item)
+    tick = time.perf_counter()
+    path = train(item["cfg"], progress=False)
+    tune.report({"train_seconds": round(time.perf_counter() - tick, 2), "checkpoint": str(path),
+                 "finished": int(path.name == "final.pt")})
+
+
+def _threshold_trial(config: dict, plan: dict) -> None:
+    from ray import tune
+
+    from bench.run import evaluate
+
+    item = plan[config["cell"]]
+    _enter_trial(item)
+    row = evaluate(item["cfg"], Path(item["checkpoint"]), [item["threshold"]], progress=False,
+                   force=item["force"])[-1]
+    tune.report({"layer_ratio": row["layer_ratio"], "measured_speedup": row["measured_speedup"],
+                 "seconds_per_image": row["seconds_per_image"], "stored": int(bool(row["stored"]))})
+
+
+# ---- Ray ----------------------------------------------------------------------------------
+
+# A private local runtime. Ray 2.60 turns a `_node_ip_address` of 127.0.0.1 into the machine's
+# routable address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is off (ray._private.services.
+# get_node_ip_address); with it off, the GCS, raylets and workers bind 127.0.0.1 only.
+# address="local" always starts a new runtime (never one found through RAY_ADDRESS or `ray start`).
+LOCAL_INIT = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
+              "log_to_driver": True, "logging_level": "warning"}
+_TOKEN: str | None = None  # one per process: Ray caches the token it first read
+
+
+def _local_env() -> dict[str, str]:
+    """Environment for a private runtime: loopback only, and token authentication with a random token
+    kept in the environment (inherited by Ray's processes) rather than written to ~/.ray/auth_token."""
+    global _TOKEN
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if "RAY_AUTH_MODE" not in os.environ:  # a user's explicit choice (token or disabled) stands
+        env["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            _TOKEN = _TOKEN or secrets.token_hex(32)
+            env["RAY_AUTH_TOKEN"] = _TOKEN
+    return env
+
+
+@contextmanager
+def ray_runtime(address: str | None, echo: Echo = print):
+    """A running Ray: joins `address`, or starts a private local runtime and shuts it down afterwards.
+
+    Yields {"cpus", "gpus"} of the cluster. A runtime this process already started is used as it is.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        yield _cluster_info(ray)
+        return
+    saved_env = {key: os.environ.get(key) for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE",
+                                                      "RAY_AUTH_TOKEN")}
+    saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+    tick = time.perf_counter()
+    try:
+        if address:
+            try:
+                ray.init(address=address, log_to_driver=True, logging_level="warning")
+            except ConnectionError as err:
+                raise ConnectionError(f"could not join the Ray cluster at {address!r}: {err}") from None
+        else:
+            os.environ.update(_local_env())
+            _reload_auth_settings()
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init resolves 127.0.0.1 (see LOCAL_INIT)
+            ray.init(**LOCAL_INIT)
+        info = _cluster_info(ray)
+        where = f"cluster at {address}" if address else "local, 127.0.0.1 only"
+        echo(f"Ray {ray.__version__} ready in {time.perf_counter() - tick:.1f} s ({where}; "
+             f"{info['cpus']:g} CPUs, {info['gpus']:g} GPUs)")
+        yield info
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not address:
+            _reload_auth_settings()
+
+
+def _reload_auth_settings() -> None:
+    """Ray reads RAY_AUTH_MODE and the token once, at import: make it read them again (as ray.init does
+    for its own default in ray._private.authentication.authentication_token_setup._enable_token_auth)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _cluster_info(ray) -> dict:
+    resources = ray.cluster_resources()
+    return {"cpus": float(resources.get("CPU", 0)), "gpus": float(resources.get("GPU", 0))}
+
+
+def check_sweep_section(cfg: dict) -> None:
+    """The `sweep` section's values, checked before any Ray starts."""
+    s = cfg["sweep"]
+    cpus, gpus = s["cpus_per_trial"], s["gpus_per_trial"]
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0:
+        raise ConfigError(f"sweep.cpus_per_trial must be a number > 0, got {cpus!r}")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
+        raise ConfigError(f"sweep.gpus_per_trial must be null (auto) or a number >= 0, got {gpus!r}")
+    if s["storage"] is not None and not isinstance(s["storage"], str):
+        raise ConfigError(f"sweep.storage must be a folder or null, got {s['storage']!r}")
+
+
+def trial_resources(cfg: dict, cluster: dict, *, local: bool = True, echo: Echo = print) -> dict:
+    """{"cpu": n, "gpu": m} per trial from the `sweep` section, never asking for a GPU the cluster lacks."""
+    check_sweep_section(cfg)
+    cpus, gpus = cfg["sweep"]["cpus_per_trial"], cfg["sweep"]["gpus_per_trial"]
+    if gpus is None:
+        gpus = 1 if cluster["gpus"] >= 1 else 0
+    elif gpus > 0 and cluster["gpus"] == 0:
+        echo(f"warning: sweep.gpus_per_trial={gpus} but the Ray cluster has no GPU; trials run on the CPU")
+        gpus = 0
+    if local and cpus > cluster["cpus"]:  # a trial that can never be placed would wait forever
+        raise ConfigError(f"sweep.cpus_per_trial={cpus} but this machine offers Ray {cluster['cpus']:g} CPUs")
+    if local and gpus > cluster["gpus"]:
+        raise ConfigError(f"sweep.gpus_per_trial={gpus} but this machine has {cluster['gpus']:g} GPUs")
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def _trial_settings(cfg: dict, cluster: dict, *, local: bool, echo: Echo) -> dict:
+    resources = trial_resources(cfg, cluster, local=local, echo=echo)
+    device = cfg["run"]["device"]
+    if resources["gpu"] == 0 and device.startswith("cuda"):
+        raise ConfigError(f"--device {device} asks for a GPU but the trials get none (sweep.gpus_per_trial, "
+                          f"or the cluster has no GPU); use --device auto or cpu")
+    storage = cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray"
+    return {"resources": resources, "storage": str(Path(storage).resolve()), "threads": max(1, int(resources["cpu"])),
+            # a trial without a GPU must not pick one up through device "auto" (Ray only hides GPUs from
+            # trials that ask for some)
+            "device": "cpu" if resources["gpu"] == 0 and device == "auto" else device}
+
+
+def _run_trials(kind: str, trainable, plan: dict[str, dict], settings: dict, quiet: bool,
+                echo: Echo) -> dict[str, dict | str]:
+    """One Tune trial per plan entry; returns {label: metrics} or {label: error text}."""
+    from ray import tune
+
+    for item in plan.values():
+        item["threads"] = settings["threads"]
+        item["cfg"] = {**item["cfg"], "run": {**item["cfg"]["run"], "device": settings["device"]}}
+    name = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    res = settings["resources"]
+    echo(f"{kind}: {len(plan)} trial(s), {res['cpu']:g} CPU and {res['gpu']:g} GPU each; Tune state in "
+         f"{settings['storage']}/{name}")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, plan=plan), settings["resources"]),
+        param_space={"cell": tune.grid_search(list(plan))},
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: f"{kind}_{trial.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=settings["storage"], verbose=0 if quiet else 1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    grid = tuner.fit()
+    outcome: dict[str, dict | str] = {}
+    for i in range(len(grid)):
+        result = grid[i]
+        label = result.config["cell"]
+        if result.error is not None:
+            text = str(result.error).strip().splitlines()
+            outcome[label] = text[-1] if text else type(result.error).__name__
+        else:
+            outcome[label] = dict(result.metrics or {})
+    for label in plan:  # a trial Tune never ran (interrupted)
+        outcome.setdefault(label, "did not run")
+    return outcome
