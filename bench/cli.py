@@ -189,6 +189,46 @@ def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help
                        f"forward {row['forward_images_per_s']:9.1f} img/s  ({row['params']:,} params)")
 
 
+@app.command("fid")
+def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference dataset name"),
+                dataset_path: Optional[str] = DATASET_PATH,
+                images: Optional[str] = typer.Option(None, "--images", help="a folder of generated images"),
+                split: str = typer.Option("test", "--split", help="split of the dataset images to score "
+                                                                   "(when --images is not given)"),
+                per_class: Optional[int] = typer.Option(None, "--per-class", help="first N of each class to score"),
+                limit: Optional[int] = typer.Option(None, "--limit", help="first N images to score"),
+                reference_split: str = typer.Option("train", "--reference-split"),
+                reference_per_class: Optional[int] = typer.Option(None, "--reference-per-class"),
+                reference_limit: Optional[int] = typer.Option(None, "--reference-limit"),
+                resolution: Optional[int] = typer.Option(None, "--resolution"),
+                device: Optional[str] = DEVICE, results: Optional[str] = RESULTS) -> None:
+    """FID and KID of a folder of images, or of a dataset subset, against cached reference statistics."""
+    import json
+    import time
+    from pathlib import Path
+
+    from bench.evaluate import fid_kid, reference_dataset, reference_statistics
+    from bench.setup import resolve_device
+    from bench.store import append_row, provenance
+
+    try:
+        dev = resolve_device(device or "auto")
+        tick = time.perf_counter()
+        ref = reference_statistics(dataset, dataset_path, reference_split, resolution, limit=reference_limit,
+                                   per_class=reference_per_class, device=dev, progress=True)
+        ref_seconds = time.perf_counter() - tick
+        scored = images or reference_dataset(dataset, dataset_path, split, resolution, limit=limit, per_class=per_class)
+        result = fid_kid(scored, ref, device=dev, progress=True)
+    except _user_errors() as err:
+        _fail(err)
+    what = images or f"{dataset}:{split}:" + (f"per_class={per_class}" if per_class else f"limit={limit}")
+    row = {"experiment": "fid", "scored": what, **result, "reference_seconds": round(ref_seconds, 1),
+           "total_seconds": round(time.perf_counter() - tick, 1), "device": str(dev), **provenance()}
+    append_row(Path(results or "results") / "fid.csv", row, force=True, key=("scored", "reference_split",
+                                                                             "reference_subset", "reference_checksum"))
+    typer.echo(json.dumps(row, indent=1, default=str))
+
+
 @app.command("ls")
 def ls_command(what: str = typer.Argument("all", help="methods | backbones | datasets | samplers | profiles")) -> None:
     """List what is registered, one line each."""
@@ -266,7 +306,7 @@ def sweep_thresholds_command(
 def sweep_train_command(
         config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
         dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
-        datasets: Optional[str] = typer.Option(None, "--datasets", help="comma-separated datasets (default: --dataset)"),
+        datasets: Optional[str] = typer.Option(None, "--datasets", help="comma-separated (default: --dataset)"),
         backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED,
         seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds (default: --seed)"),
         grid: Optional[list[str]] = typer.Option(

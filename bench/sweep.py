@@ -119,6 +119,9 @@ def resolve_cells(config: str | Path | None, run: dict | None, overrides: list[s
         cfg = resolve(base, run={**run, "method": method, "dataset": dataset, "seed": seed}, overrides=overrides,
                       sweep=point)
         check_sweep_section(cfg)
+        grid_of_method = cfg["method"].get("thresholds")
+        if grid_of_method is not None and not isinstance(grid_of_method, (list, tuple)):
+            raise ConfigError(f"methods.{method}.thresholds must be a list like [0.2, 0.1], got {grid_of_method!r}")
         try:
             build_method(method, cfg["method"])  # a name that bench.yaml lists but no plugin registers, bad hparams
         except ValueError as err:
@@ -128,14 +131,10 @@ def resolve_cells(config: str | Path | None, run: dict | None, overrides: list[s
     return cells
 
 
-def method_thresholds(cfg: dict, method) -> list[float | None]:
-    """The grid of bench.yaml (methods.<name>.thresholds), else the method's default_thresholds, else full depth."""
-    grid = cfg["method"].get("thresholds")
-    if grid is None:
-        grid = list(getattr(method, "default_thresholds", ()) or ())
-    if not isinstance(grid, (list, tuple)):
-        raise ConfigError(f"methods.{cfg['run']['method']}.thresholds must be a list, got {grid!r}")
-    return list(grid) or [None]
+def method_thresholds(method) -> list[float | None]:
+    """The method's grid: methods.<name>.thresholds of bench.yaml (build_method puts it in
+    default_thresholds), else the plugin's own; a method without exits gets full depth only."""
+    return list(getattr(method, "default_thresholds", ()) or ()) or [None]
 
 
 def check_thresholds(cfg: dict, method, thresholds: list) -> None:
@@ -177,7 +176,7 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     cells = resolve_cells(config, run, overrides, methods=methods)
     for label, cfg in cells:
         method = build_method(cfg["run"]["method"], cfg["method"])
-        grid = list(thresholds) if thresholds is not None else method_thresholds(cfg, method)
+        grid = list(thresholds) if thresholds is not None else method_thresholds(method)
         check_thresholds(cfg, method, grid)
         todo = grid if force else skip_stored(cfg, grid)
         checkpoint = _checkpoint(cfg)
@@ -207,8 +206,8 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     if done:
         echo(f"{'cell':44s} {'layers':>7s} {'speedup':>8s} {'s/img':>9s}  stored")
         for label, m in done.items():
-            echo(f"{label:44s} {m.get('layer_ratio', float('nan')):7.3f} {m.get('measured_speedup', float('nan')):8.2f} "
-                 f"{m.get('seconds_per_image', float('nan')):9.4f}  {'yes' if m.get('stored') else 'already'}")
+            echo(f"{label:44s} {m['layer_ratio']:7.3f} {m['measured_speedup']:8.2f} {m['seconds_per_image']:9.4f}  "
+                 f"{'yes' if m['stored'] else 'already'}")
     _raise_failures(failures)
     return done
 
@@ -328,6 +327,7 @@ def ray_runtime(address: str | None, echo: Echo = print):
     tick = time.perf_counter()
     try:
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, log_to_driver=True, logging_level="warning")
             except ConnectionError as err:
@@ -353,6 +353,20 @@ def ray_runtime(address: str | None, echo: Echo = print):
                 os.environ[key] = value
         if not address:
             _reload_auth_settings()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once for a host:port nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", "ray://..." (Ray Client) and other forms: left to ray.init
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"could not reach the Ray cluster at {address!r} ({err}); start it with "
+                              f"`ray start --head` there, or leave --address out to run on this machine") from None
 
 
 def _reload_auth_settings() -> None:

@@ -73,6 +73,7 @@ def test_threshold_sweep_on_local_ray_stores_one_row_per_threshold_once(tmp_path
     (["thresholds", "--thresholds", "0.1,abc"], "'abc' is not a number or 'full'"),
     (["thresholds", "--methods", "deediff", "--thresholds", "1.5"], "outside the range"),
     (["thresholds", "--set", "sweep.cpus_per_trial=0"], "sweep.cpus_per_trial must be a number > 0"),
+    (["thresholds", "--method", "baseline", "--address", "127.0.0.1:1"], "could not reach the Ray cluster"),
     (["train", "--methods", "deedif"], "Did you mean 'deediff'"),
     (["train", "--datasets", "mnist,cifar1"], "Did you mean 'cifar10'"),
     (["train", "--seeds", "0,one"], "--seeds must be whole numbers"),
@@ -90,6 +91,26 @@ def test_sweep_mistakes_exit_2_with_a_message_before_ray_starts(tmp_path, monkey
     assert "error:" in out and "Traceback" not in out
     assert not RAY_STARTED.search(out)  # refused before a Ray runtime started
     assert not (tmp_path / "runs").exists()
+
+
+def test_threshold_grid_comes_from_bench_yaml_and_must_be_a_list(tmp_path, monkeypatch):
+    import yaml
+
+    from bench.sweep import method_thresholds, resolve_cells
+    from methods import build_method
+
+    monkeypatch.chdir(tmp_path)
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "bench.yaml").read_text())
+    cfg["methods"]["calm"] = {**(cfg["methods"].get("calm") or {}), "thresholds": [0.99, 0.9]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    (label, resolved), = resolve_cells(str(tmp_path / "bench.yaml"), {}, [], methods=["calm"])
+    assert method_thresholds(build_method("calm", resolved["method"])) == [0.99, 0.9]
+    assert method_thresholds(build_method("baseline", {})) == [None]  # no exits: full depth only
+
+    cfg["methods"]["calm"]["thresholds"] = 0.9
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    result, out = _invoke("sweep", "thresholds", "--config", str(tmp_path / "bench.yaml"), "--method", "calm")
+    assert result.exit_code == 2 and "methods.calm.thresholds must be a list" in out and "Traceback" not in out
 
 
 def test_trial_resources_never_ask_for_a_missing_gpu():
