@@ -223,6 +223,13 @@ def validate(cfg: dict) -> None:
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
     relevant = {key: cfg[key] for key in sections}
+    # Bookkeeping that does not change the trained weights stays out of the hash.
+    cosmetic = {"train": ("log_every", "ckpt_every", "progress"), "data": ("num_workers", "preload", "download")}
+    for section, keys in cosmetic.items():
+        if section in relevant:
+            relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
+    if "method" in relevant:  # the operating point and the sweep grid do not change the trained model
+        relevant["method"] = {k: v for k, v in cfg["method"].items() if k not in ("threshold", "thresholds")}
     relevant["run"] = {key: cfg["run"][key] for key in ("seed", "method", "dataset")}
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
