@@ -1,29 +1,19 @@
 """Checkpoint files: atomic writes, safe loads (weights_only), and where each run keeps them."""
 from __future__ import annotations
 
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.atomic import atomic_write
 from bench.config import config_hash
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save that never leaves a half-written file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_dir(cfg: dict) -> Path:

@@ -1,14 +1,13 @@
 """Sampling from a trained model: batched, seeded per sample, timed, with an image grid."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from bench.atomic import atomic_write
 from bench.diffusion import SAMPLERS, NoiseSource
 from bench.engine import EarlyExitModel, ExitRecord
 
@@ -69,15 +68,6 @@ def save_grid(images: Tensor, path: Path, nrow: int | None = None) -> Path:
     """A PNG grid of images in [-1, 1], written atomically."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        save_image((images + 1) / 2, tmp, nrow=nrow, padding=2, pad_value=1.0)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: save_image((images + 1) / 2, f, format="png", nrow=nrow, padding=2,
+                                                   pad_value=1.0))

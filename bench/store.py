@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import os
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from bench.atomic import atomic_write
 
 # The key of a cell: a row with the same values in these columns is the same measurement.
 CELL_KEY = ("experiment", "method", "backbone", "dataset", "profile", "sampler", "steps", "threshold", "seed",
@@ -67,21 +67,8 @@ def append_row(path: Path, row: dict, force: bool = False, key: tuple[str, ...] 
         writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows([*rows, {k: "" if v is None else v for k, v in row.items()}])
-        _atomic_write_text(path, buffer.getvalue())
+        atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=False)
     return True
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def provenance() -> dict[str, str]:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from methods import METHODS
 from methods.base import DiffusionModel, Method
 from methods.common import (batch_time, encoder_exits, exit_predictions, exit_widths,
-                            hidden_shapes, per_sample_mse, pixel_map, resolve_hparams)
+                            hidden_shapes, pixel_map, resolve_hparams)
 
 DEFAULTS = dict(lambda_u=1.0, beta_ual=1.0, layerwise_loss=True, ual_detach=None, loss_form="paper",
                 uem_time="token", uem_time_dim=None, shared_uem=False, exit_rule="per_sample",

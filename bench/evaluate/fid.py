@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from bench.atomic import atomic_write
 
 from .inception import (WEIGHTS_NAME, InceptionWeightsNotFound, cache_root, ensure_inception_weights,
                         load_converted)
@@ -262,16 +263,7 @@ class ReferenceStats:
                       meta=np.array(json.dumps(self.meta)))
         if self.features is not None:
             arrays["features"] = self.features
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         self.path = path
         return path
 

