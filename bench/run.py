@@ -80,7 +80,12 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg), "checkpoint": str(checkpoint),
     }
     reference = _reference(cfg, device, progress) if cfg["eval"]["fid"] else None
+    with torch.no_grad():  # warm-up: first-call allocations and kernel selection stay out of the timings
+        model.backbone(torch.zeros(min(s["batch_size"], 8), *shape, device=device),
+                       torch.full((min(s["batch_size"], 8),), 500.0, device=device))
     full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
+    if cfg["eval"]["layer_errors"]:
+        _store_layer_errors(cfg, model, schedule, shape, device, _run_id(cfg, None))
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else _measure(model, method, schedule, cfg, threshold, shape, device,
@@ -100,18 +105,59 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
             "grid": str(grid or ""), **_fid_columns(m["images"], reference, cfg, device, progress),
             **(extra or {}), **provenance(),
         }
+        row["run_id"] = _run_id(cfg, threshold)
         row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
+        _store_per_step(cfg, model, m, full, row["run_id"])
         rows.append(row)
     return rows
 
 
+def _run_id(cfg: dict, threshold) -> str:
+    """Keys the per-call and per-step CSVs to their row in runs.csv."""
+    r, s = cfg["run"], cfg["sample"]
+    return (f"{config_hash(cfg)}-{r['experiment']}-{s['sampler']}{s['steps']}-thr{'full' if threshold is None else threshold}"
+            f"-b{s['batch_size']}-n{s['n_samples']}-{s['engine_mode']}-seed{r['seed']}")
+
+
+def _store_per_step(cfg: dict, model, measured: dict, full: dict, run_id: str) -> None:
+    """Exit histograms per network call, and the trajectory's distance from the full model's per step."""
+    from bench.evaluate.trajectory import per_call_rows, trajectory_rows
+    from bench.store import append_rows
+
+    results = Path(cfg["run"]["results"])
+    append_rows(results / "per_call.csv", per_call_rows(measured["record"], model.backbone.num_exits, run_id),
+                force=True, key=("run_id", "call"))
+    trajectory = trajectory_rows(measured["trajectory"].states, full["trajectory"].states,
+                                 measured["trajectory"].times, run_id)
+    append_rows(results / "trajectory.csv", trajectory, force=True, key=("run_id", "step"))
+
+
+def _store_layer_errors(cfg: dict, model, schedule, shape, device, run_id: str) -> None:
+    """Each exit's prediction against the final one along a full-depth trajectory (paper Fig. 1)."""
+    from bench.diffusion import SAMPLERS, NoiseSource
+    from bench.evaluate.trajectory import LayerErrorProbe
+    from bench.store import append_rows
+
+    s = cfg["sample"]
+    probe = LayerErrorProbe(model)
+    n = min(s["n_samples"], s["batch_size"], 16)
+    with torch.no_grad():
+        SAMPLERS.get(s["sampler"])(probe, schedule, NoiseSource(cfg["run"]["seed"], range(n)), shape, s["steps"],
+                                   device=device, **s["options"])
+    append_rows(Path(cfg["run"]["results"]) / "layer_mse.csv", probe.as_rows(run_id), force=True,
+                key=("run_id", "call"))
+
+
 def _measure(model, method, schedule, cfg, threshold, shape, device, flops, progress) -> dict:
+    from bench.evaluate.trajectory import TrajectoryRecorder
+
     sample_cfg = {**cfg["sample"], "threshold": threshold}
+    trajectory = TrajectoryRecorder()
     images, stats = generate(model, schedule, sample_cfg, cfg["run"]["seed"], shape, device, progress=progress,
-                             method=method)
+                             method=method, callback=trajectory)
     decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
     gflops = gflops_per_call(flops, stats["record"], decide) if flops else None
-    return {"images": images, "gflops": gflops, **stats}
+    return {"images": images, "gflops": gflops, "trajectory": trajectory, **stats}
 
 
 def _reference(cfg: dict, device: torch.device, progress: bool):

@@ -14,11 +14,12 @@ from bench.engine import EarlyExitModel, ExitRecord
 
 @torch.no_grad()
 def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...], device: torch.device,
-             progress: bool = True, method=None) -> tuple[Tensor, dict]:
+             progress: bool = True, method=None, callback=None) -> tuple[Tensor, dict]:
     """n_samples images in [-1, 1] (on the CPU) and measurements of how they were made.
 
     Sample i's noise depends only on (seed, i), so the images do not depend on the batch size.
     The network runs through the early-exit engine with `sample_cfg["threshold"]` (None: full depth).
+    `callback(step, x, t)` sees the first batch's trajectory.
     """
     model.eval()
     sampler = SAMPLERS.get(sample_cfg["sampler"])
@@ -31,7 +32,8 @@ def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...
         _sync(device)
         tick = time.perf_counter()
         x = sampler(engine, schedule, noise, shape, sample_cfg["steps"], device=device,
-                    progress=progress and start == 0, **sample_cfg["options"])
+                    progress=progress and start == 0, callback=callback if start == 0 else None,
+                    **sample_cfg["options"])
         _sync(device)
         seconds += time.perf_counter() - tick
         images.append(x.clamp(-1, 1).float().cpu())

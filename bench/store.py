@@ -54,21 +54,32 @@ def append_row(path: Path, row: dict, force: bool = False, key: tuple[str, ...] 
 
     `key` names the columns that identify a cell; with force the stored row of that cell is replaced.
     """
+    return append_rows(path, [row], force, key) == 1
+
+
+def append_rows(path: Path, new_rows: list[dict], force: bool = False, key: tuple[str, ...] = CELL_KEY) -> int:
+    """Add several rows in one locked, atomic rewrite; returns how many were added (see append_row)."""
     path = Path(path)
     with _locked(path):
         rows = read_rows(path)
-        if not force and any(_cell(r, key) == _cell(row, key) for r in rows):
-            return False
+        stored = {_cell(r, key) for r in rows}
         if force:
-            rows = [r for r in rows if _cell(r, key) != _cell(row, key)]
+            replaced = {_cell(r, key) for r in new_rows}
+            rows = [r for r in rows if _cell(r, key) not in replaced]
+        else:
+            new_rows = [r for r in new_rows if _cell(r, key) not in stored]
+        if not new_rows:
+            return 0
         columns = list(rows[0].keys()) if rows else []
-        columns += [k for k in row if k not in columns]
+        for row in new_rows:
+            columns += [k for k in row if k not in columns]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
-        writer.writerows([*rows, {k: "" if v is None else v for k, v in row.items()}])
+        writer.writerows(rows)
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in new_rows)
         atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=False)
-    return True
+    return len(new_rows)
 
 
 def provenance() -> dict[str, str]:
