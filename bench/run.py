@@ -85,7 +85,9 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
                        torch.full((min(s["batch_size"], 8),), 500.0, device=device))
     full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
     if cfg["eval"]["layer_errors"]:
-        _store_layer_errors(cfg, model, schedule, shape, device, _run_id(cfg, None))
+        _store_layer_errors(cfg, model, method, schedule, shape, device, _run_id(cfg, None))
+    if cfg["eval"]["loss_buckets"]:
+        _store_timestep_loss(cfg, model, schedule, device, _run_id(cfg, None))
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else _measure(model, method, schedule, cfg, threshold, shape, device,
@@ -132,8 +134,9 @@ def _store_per_step(cfg: dict, model, measured: dict, full: dict, run_id: str) -
     append_rows(results / "trajectory.csv", trajectory, force=True, key=("run_id", "step"))
 
 
-def _store_layer_errors(cfg: dict, model, schedule, shape, device, run_id: str) -> None:
-    """Each exit's prediction against the final one along a full-depth trajectory (paper Fig. 1)."""
+def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_id: str) -> None:
+    """Each exit's prediction against the final one along a full-depth trajectory (paper Fig. 1), and,
+    for methods with uncertainty maps, the maps at five calls along it (Fig. 4) in uncertainty/<run_id>.npz."""
     from bench.diffusion import SAMPLERS, NoiseSource
     from bench.evaluate.trajectory import LayerErrorProbe
     from bench.store import append_rows
@@ -146,6 +149,29 @@ def _store_layer_errors(cfg: dict, model, schedule, shape, device, run_id: str) 
                                    device=device, **s["options"])
     append_rows(Path(cfg["run"]["results"]) / "layer_mse.csv", probe.as_rows(run_id), force=True,
                 key=("run_id", "call"))
+    if hasattr(method, "uncertainty_maps"):
+        import numpy as np
+
+        from bench.atomic import atomic_write
+        from bench.evaluate.trajectory import uncertainty_snapshots
+
+        calls = torch.linspace(0, len(probe.inputs) - 1, min(5, len(probe.inputs))).round().long().unique()
+        snapshots = uncertainty_snapshots(method, model, [probe.inputs[c] for c in calls.tolist()])
+        atomic_write(Path(cfg["run"]["results"]) / "uncertainty" / f"{run_id}.npz",
+                     lambda f: np.savez_compressed(f, calls=calls.numpy(), **snapshots))
+
+
+def _store_timestep_loss(cfg: dict, model, schedule, device, run_id: str) -> None:
+    """Each exit's L_simple per bucket of diffusion time on training images (paper Fig. 3)."""
+    from bench.evaluate.trajectory import timestep_loss_rows
+    from bench.setup import build_train_dataset
+    from bench.store import append_rows
+
+    dataset = build_train_dataset(cfg)
+    n = min(len(dataset), cfg["eval"]["loss_images"])
+    images = torch.stack([dataset[i][0] for i in torch.linspace(0, len(dataset) - 1, n).long().tolist()])
+    rows = timestep_loss_rows(model, schedule, images, cfg["eval"]["loss_buckets"], cfg["run"]["seed"], run_id)
+    append_rows(Path(cfg["run"]["results"]) / "loss_per_timestep.csv", rows, force=True, key=("run_id", "bucket"))
 
 
 def _measure(model, method, schedule, cfg, threshold, shape, device, flops, progress) -> dict:

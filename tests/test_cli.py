@@ -17,7 +17,7 @@ def _invoke(*args):
 
 def _tiny_run_args(tmp_path):
     return ["run", "--quiet", "--samples", "4", "--steps", "3", "--results", str(tmp_path / "results"),
-            "--set", "model.init_from=null", "--set", "train.steps=2",
+            "--set", "model.init_from=null", "--set", "eval.fid=false", "--set", "train.steps=2",
             "--set", "model.kwargs={embed_dim: 32, num_heads: 2}", "--set", "data.limit=64",
             "--set", "train.batch_size=16", "--set", f"run.runs_dir={tmp_path / 'runs'}"]
 

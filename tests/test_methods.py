@@ -71,7 +71,7 @@ def test_one_training_step_and_sampling(name, backbone, tmp_path):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_bench_run_every_method_on_the_tiny_profile(name, tmp_path):
     args = ["run", "--method", name, "--quiet", "--samples", "2", "--steps", "2", "--results", str(tmp_path / "res"),
-            "--set", f"run.runs_dir={tmp_path / 'runs'}", "--set", "model.init_from=null", "--set", "train.steps=1",
+            "--set", f"run.runs_dir={tmp_path / 'runs'}", "--set", "model.init_from=null", "--set", "eval.fid=false", "--set", "train.steps=1",
             "--set", "train.batch_size=4", "--set", "data.limit=16", "--set", "sample.grid=false",
             "--set", "model.kwargs={embed_dim: 32, num_heads: 2}",
             *[arg for key, value in FAST.get(name, {}).items() for arg in ("--set", f"method.{key}={value}")]]

@@ -25,7 +25,7 @@ def _invoke(*args):
 
 def _tiny(tmp_path):
     return ["--samples", "4", "--steps", "3", "--results", str(tmp_path / "results"),
-            "--set", "model.init_from=null", "--set", "train.steps=2",
+            "--set", "model.init_from=null", "--set", "eval.fid=false", "--set", "train.steps=2",
             "--set", "model.kwargs={embed_dim: 32, num_heads: 2}", "--set", "data.limit=64",
             "--set", "train.batch_size=16", "--set", f"run.runs_dir={tmp_path / 'runs'}"]
 
@@ -38,7 +38,7 @@ def _method_with_exits():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_threshold_sweep_on_local_ray_stores_one_row_per_threshold_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     method, thresholds = _method_with_exits()

@@ -16,7 +16,7 @@ def _rows(path):
 def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trajectory")
     common = ["--method", "deediff", "--quiet", "--samples", "3", "--steps", "4", "--results", str(tmp / "res"),
-              "--set", f"run.runs_dir={tmp / 'runs'}", "--set", "model.init_from=null", "--set", "train.steps=1",
+              "--set", f"run.runs_dir={tmp / 'runs'}", "--set", "model.init_from=null", "--set", "eval.fid=false", "--set", "train.steps=1",
               "--set", "train.batch_size=4", "--set", "data.limit=16", "--set", "sample.grid=false",
               "--set", "model.kwargs={embed_dim: 32, num_heads: 2}", "--set", "sample.options={order: 1}"]
     assert CliRunner().invoke(app, ["run", *common]).exit_code == 0  # trains, and stores the full-depth row
@@ -53,3 +53,15 @@ def test_layer_errors_along_the_full_trajectory(evaluated):
     for row in rows:
         assert float(row["mse_exit_12"]) == 0.0  # the last exit is the final prediction
         assert all(float(row[f"mse_exit_{i}"]) >= 0 for i in range(12))
+
+
+def test_loss_per_timestep_and_uncertainty_maps(evaluated):
+    import numpy as np
+
+    rows = _rows(evaluated / "loss_per_timestep.csv")
+    assert [int(r["bucket"]) for r in rows] == list(range(10))
+    assert all(float(r["mse_exit_12"]) > 0 for r in rows)
+    (snapshot,) = list((evaluated / "uncertainty").glob("*.npz"))
+    maps = np.load(snapshot)["maps"]
+    assert maps.shape[1:] == (3, 13, 1, 28, 28)  # calls x samples x exits x C x H x W
+    assert ((maps >= 0) & (maps <= 1)).all()  # sigmoid outputs

@@ -46,15 +46,20 @@ class TrajectoryRecorder:
 
 
 class LayerErrorProbe:
-    """Full-depth noise prediction that records, per call, each exit's MSE against the final output."""
+    """Full-depth noise prediction that records, per call, each exit's MSE against the final output.
 
-    def __init__(self, model, cond: Tensor | None = None):
-        self.backbone, self.cond = model.backbone, cond
+    It also keeps the network inputs of every call (first `keep` samples) for later snapshots.
+    """
+
+    def __init__(self, model, cond: Tensor | None = None, keep: int = 4):
+        self.backbone, self.cond, self.keep = model.backbone, cond, keep
         self.rows: list[tuple[float, list[float]]] = []
+        self.inputs: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def __call__(self, x: Tensor, model_t: Tensor) -> Tensor:
         bb = self.backbone
+        self.inputs.append((x[: self.keep].clone(), model_t[: self.keep].clone()))
         state, preds = bb.prepare(x, model_t, self.cond), []
         for i in range(bb.num_exits):
             state = bb.run_block(i, state)
@@ -67,3 +72,38 @@ class LayerErrorProbe:
         return [{"run_id": run_id, "call": call, "model_time": round(t, 4),
                  **{f"mse_exit_{i}": round(v, 8) for i, v in enumerate(errors)}}
                 for call, (t, errors) in enumerate(self.rows)]
+
+
+@torch.no_grad()
+def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int, run_id: str) -> list[dict]:
+    """Each exit's noise-prediction MSE (L_simple at that exit) per bucket of diffusion time (paper Fig. 3).
+
+    Bucket k holds times drawn uniformly in [k/buckets, (k+1)/buckets) of the schedule's [0, 1].
+    """
+    bb, gen = model.backbone, torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    rows = []
+    for k in range(buckets):
+        t = (k + torch.rand(len(images), generator=gen, dtype=torch.float64)) / buckets
+        noise = torch.randn(images.shape, generator=gen)
+        x_t = schedule.add_noise(images, t, noise).to(device)
+        state, errors = bb.prepare(x_t, schedule.model_time(t).to(device)), []
+        for i in range(bb.num_exits):
+            state = bb.run_block(i, state)
+            errors.append(float(((bb.head(state, i).cpu() - noise) ** 2).mean()))
+        rows.append({"run_id": run_id, "bucket": k, "t_low": k / buckets, "t_high": (k + 1) / buckets,
+                     "n_images": len(images), **{f"mse_exit_{i}": round(e, 8) for i, e in enumerate(errors)}})
+    return rows
+
+
+@torch.no_grad()
+def uncertainty_snapshots(method, model, probe_inputs: list[tuple[Tensor, Tensor]], keep: int = 4) -> dict:
+    """DeeDiff's per-exit uncertainty maps at chosen network calls (paper Fig. 4), as float16 arrays."""
+    maps, times, inputs = [], [], []
+    for x, model_t in probe_inputs:
+        per_exit = method.uncertainty_maps(model, x[:keep], model_t[:keep])
+        maps.append(torch.stack(per_exit, 1).half().cpu())  # (keep, exits, C, H, W)
+        times.append(float(model_t.float().mean()))
+        inputs.append(x[:keep].half().cpu())
+    return {"maps": torch.stack(maps).numpy(), "model_times": torch.tensor(times).numpy(),
+            "x_t": torch.stack(inputs).numpy()}
