@@ -216,6 +216,12 @@ def validate(cfg: dict) -> None:
                                  ("sample.sampler", s["sampler"], SAMPLERS)):
         if name not in registry:
             raise ConfigError(f"{kind}: {registry.unknown_message(name)}")
+    from methods import build_method
+
+    try:  # the plugin checks its own hyper-parameters
+        build_method(cfg["run"]["method"], cfg["method"])
+    except ValueError as err:
+        raise ConfigError(f"methods.{cfg['run']['method']} (bench.yaml or --set method.KEY=...): {err}") from None
     if cfg["model"]["schedule"] not in ("vp", "linear", "scaled_linear"):
         raise ConfigError(f"model.schedule must be one of vp, linear, scaled_linear; got {cfg['model']['schedule']!r}")
 

@@ -104,7 +104,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
             "full_seconds_per_image": round(full["seconds_per_image"], 6),
             "measured_speedup": round(full["seconds_per_image"] / m["seconds_per_image"], 4),
             "theoretical_speedup": "" if m["gflops"] is None else round(full["gflops"] / m["gflops"], 4),
-            "grid": str(grid or ""), **_fid_columns(m["images"], reference, cfg, device, progress),
+            "grid": str(grid or ""),
+            **_fid_columns(m["images"], reference, cfg, device, progress, _run_id(cfg, threshold)),
             **(extra or {}), **provenance(),
         }
         row["run_id"] = _run_id(cfg, threshold)
@@ -196,13 +197,15 @@ def _reference(cfg: dict, device: torch.device, progress: bool):
                                 progress=progress)
 
 
-def _fid_columns(images, reference, cfg: dict, device: torch.device, progress: bool) -> dict:
+def _fid_columns(images, reference, cfg: dict, device: torch.device, progress: bool, run_id: str) -> dict:
     """fid, kid and how they were obtained; empty columns when FID is off."""
     if reference is None:
         return {"fid": "", "kid": ""}
     from bench.evaluate import fid_kid
 
-    result = fid_kid(images, reference, device=device, batch_size=cfg["eval"]["fid_batch_size"], progress=progress)
+    pngs = Path(cfg["run"]["results"]) / "png" / run_id if cfg["eval"]["save_png"] else None
+    result = fid_kid(images, reference, device=device, batch_size=cfg["eval"]["fid_batch_size"], progress=progress,
+                     save_png_dir=pngs)
     meta = reference.meta
     return {"fid": round(result["fid"], 4), "kid": round(result["kid_mean"], 6), "kid_std": round(result["kid_std"], 6),
             "fid_n_reference": result["n_reference"], "fid_method": result["fid_method"],

@@ -194,3 +194,8 @@ def test_open_sections_take_any_keys(tmp_path):
     r = resolve(load_config(_yaml_with(tmp_path, profiles={"mine": {"sample": {"options": {"skip": "quad"}}}})),
                 run={"profile": "mine"})
     assert r["sample"]["options"] == {"skip": "quad"}
+
+
+def test_a_bad_method_hyper_parameter_names_the_method_and_the_choices():
+    with pytest.raises(ConfigError, match=r"methods\.deediff.*loss_form='xx' is not one of \('paper', 'official'\)"):
+        resolve(load_config(), run={"method": "deediff"}, overrides=["method.loss_form=xx"])
