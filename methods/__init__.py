@@ -26,5 +26,7 @@ def build_method(name: str, hparams: dict | None = None):
     method = METHODS.get(name)(hparams)
     method.threshold = threshold
     if thresholds is not None:
+        if not isinstance(thresholds, (list, tuple)):
+            raise ValueError(f"methods.{name}.thresholds must be a list of numbers, got {thresholds!r}")
         method.default_thresholds = tuple(thresholds)
     return method
