@@ -84,10 +84,12 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         model.backbone(torch.zeros(min(s["batch_size"], 8), *shape, device=device),
                        torch.full((min(s["batch_size"], 8),), 500.0, device=device))
     full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
-    if cfg["eval"]["layer_errors"]:
-        _store_layer_errors(cfg, model, method, schedule, shape, device, _run_id(cfg, None))
-    if cfg["eval"]["loss_buckets"]:
-        _store_timestep_loss(cfg, model, schedule, device, _run_id(cfg, None))
+    # The full-depth analyses depend on the model, not the threshold: made once, not in every sweep trial.
+    results, full_id = Path(r["results"]), _run_id(cfg, None)
+    if cfg["eval"]["layer_errors"] and (force or not _has_run(results / "layer_mse.csv", full_id)):
+        _store_layer_errors(cfg, model, method, schedule, shape, device, full_id)
+    if cfg["eval"]["loss_buckets"] and (force or not _has_run(results / "loss_per_timestep.csv", full_id)):
+        _store_timestep_loss(cfg, model, schedule, device, full_id)
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else _measure(model, method, schedule, cfg, threshold, shape, device,
@@ -113,6 +115,12 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         _store_per_step(cfg, model, m, full, row["run_id"])
         rows.append(row)
     return rows
+
+
+def _has_run(path: Path, run_id: str) -> bool:
+    from bench.store import read_rows
+
+    return any(row.get("run_id") == run_id for row in read_rows(path))
 
 
 def _run_id(cfg: dict, threshold) -> str:
