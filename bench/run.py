@@ -6,6 +6,7 @@ machine in the same run (realised) next to the theoretical one (from GFLOPs).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "train_steps": cfg["train"]["steps"],
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
         "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg), "checkpoint": str(checkpoint),
+        # The method's resolved hyper-parameters, so a reporter can tell ablation variants apart.
+        "method_options": json.dumps({k: v for k, v in sorted(cfg["method"].items())
+                                      if k not in ("threshold", "thresholds")}, separators=(",", ":")),
+        "sampler_options": json.dumps(s["options"], sort_keys=True, separators=(",", ":")),
+        "init_from": cfg["model"]["init_from"] or "",
     }
     reference = _reference(cfg, device, progress) if cfg["eval"]["fid"] else None
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection stay out of the timings
