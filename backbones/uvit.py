@@ -114,10 +114,15 @@ class UViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: float | None = None, norm_layer=nn.LayerNorm, mlp_time_embed: bool = False,
-                 num_classes: int = -1, use_checkpoint: bool = False, conv: bool = True, skip: bool = True):
+                 num_classes: int = -1, use_checkpoint: bool = False, conv: bool = True, skip: bool = True,
+                 clip_dim: int | None = None, num_clip_token: int = 77):
         super().__init__()
+        if clip_dim and num_classes > 0:
+            raise ValueError("a U-ViT is conditioned on class labels (num_classes) or on text (clip_dim), not both")
         self.num_features = self.embed_dim = embed_dim
         self.num_classes = num_classes
+        self.clip_dim = clip_dim  # text-conditioned U-ViT (libs/uvit_t2i.py) when set
+        self.num_clip_token = num_clip_token
         self.in_chans = in_chans
         self.img_size = img_size
         self.patch_size = patch_size
@@ -128,7 +133,10 @@ class UViT(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
         ) if mlp_time_embed else nn.Identity()
-        if num_classes > 0:
+        if clip_dim:
+            self.context_embed = nn.Linear(clip_dim, embed_dim)  # CLIP token features -> tokens
+            self.extras = 1 + num_clip_token  # [time token][text tokens][patches]
+        elif num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
             self.extras = 2  # [label token][time token][patches]
         else:
@@ -175,11 +183,18 @@ class UViT(nn.Module):
         return len(self.in_blocks) + 1 + len(self.out_blocks)
 
     def prepare(self, x: Tensor, timesteps: Tensor, cond: Tensor | None = None) -> State:
-        """Tokens [label][time][patches] plus position embedding; an empty skip stack."""
+        """Tokens [label][time][patches] (text model: [time][context][patches]) plus position embedding;
+        an empty skip stack. `cond`: class labels (B,) or CLIP token features (B, num_clip_token, clip_dim)."""
         tokens = self.patch_embed(x)  # (B, L, D)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)  # (B, 1, D)
+        if self.clip_dim:
+            if cond is None or cond.dim() != 3:
+                raise ValueError(f"this U-ViT is text-conditioned: cond must be (B, {self.num_clip_token}, "
+                                 f"{self.clip_dim}) CLIP features, got {None if cond is None else tuple(cond.shape)}")
+            context = self.context_embed(cond.to(tokens.dtype))  # (B, 77, D)
+            return {"x": torch.cat((time_token, context, tokens), dim=1) + self.pos_embed, "skips": []}
         tokens = torch.cat((time_token, tokens), dim=1)
         if cond is not None:
             if self.num_classes <= 0:
@@ -221,6 +236,8 @@ class UViT(nn.Module):
             x = torch.zeros(1, self.in_chans, self.img_size, self.img_size, device=p.device, dtype=p.dtype)
             t = torch.zeros(1, device=p.device)
             y = torch.zeros(1, dtype=torch.long, device=p.device) if self.num_classes > 0 else None
+            if self.clip_dim:
+                y = torch.zeros(1, self.num_clip_token, self.clip_dim, device=p.device, dtype=p.dtype)
             self._flops = measure_flops_per_part(self, x, t, y)
         return self._flops
 
@@ -250,6 +267,9 @@ BACKBONES.register("uvit_s4_celeba64", help="U-ViT-S/4, CelebA 64x64 (paper)")(
     partial(_uvit, dict(img_size=64, patch_size=4, in_chans=3, **_SMALL)))
 BACKBONES.register("uvit_l2_imagenet256", help="U-ViT-L/2, ImageNet-256 latents 32x32x4, 1001 labels (paper)")(
     partial(_uvit, dict(img_size=32, patch_size=2, in_chans=4, num_classes=1001, **_LARGE)))
+BACKBONES.register("uvit_s2_mscoco", help="U-ViT-S/2 text-to-image, MS-COCO latents 32x32x4, 77 CLIP tokens "
+                                           "(uvit_t2i, paper)")(
+    partial(_uvit, dict(img_size=32, patch_size=2, in_chans=4, clip_dim=768, num_clip_token=77, **_SMALL)))
 BACKBONES.register("uvit_tiny", help="CPU U-ViT: 13 blocks, width 96, patch 2 (28x28 MNIST default)")(
     partial(_uvit, dict(img_size=28, patch_size=2, in_chans=1, embed_dim=96, num_heads=4, **_TINY)))
 BACKBONES.register("uvit_tiny_p4", help="CPU U-ViT: 13 blocks, width 128, patch 4 (4x fewer tokens)")(

@@ -222,6 +222,17 @@ def validate(cfg: dict) -> None:
         build_method(cfg["run"]["method"], cfg["method"])
     except ValueError as err:
         raise ConfigError(f"methods.{cfg['run']['method']} (bench.yaml or --set method.KEY=...): {err}") from None
+    d = cfg["data"]
+    if d["condition"] not in ("none", "class", "text"):
+        raise ConfigError(f"data.condition must be none, class or text; got {d['condition']!r}")
+    if not 0.0 <= d["p_uncond"] < 1.0:
+        raise ConfigError(f"data.p_uncond must be in [0, 1), got {d['p_uncond']}")
+    if s["guidance_scale"] and d["condition"] == "none":
+        raise ConfigError("sample.guidance_scale is set but the dataset is unconditional (data.condition: none)")
+    from bench.engine.executor import GUIDANCE_EXITS
+
+    if s["guidance_exit"] not in GUIDANCE_EXITS:
+        raise ConfigError(f"sample.guidance_exit must be one of {', '.join(GUIDANCE_EXITS)}; got {s['guidance_exit']!r}")
     if cfg["model"]["schedule"] not in ("vp", "linear", "scaled_linear"):
         raise ConfigError(f"model.schedule must be one of vp, linear, scaled_linear; got {cfg['model']['schedule']!r}")
 

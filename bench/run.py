@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from bench.conditioning import build_conditioning
 from bench.checkpoint import checkpoint_dir, load_weights_into
 from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
@@ -68,6 +70,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     resolution, channels, _ = image_geometry(cfg)
     shape = (channels, resolution, resolution)
     flops = model.backbone.flops_per_part() if _fvcore_available() else None
+    conditioning = build_conditioning(cfg)
+    latent = latent_pipeline(cfg, device)
 
     from bench.data import dataset_checksum
 
@@ -84,22 +88,30 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
                                       if k not in ("threshold", "thresholds")}, separators=(",", ":")),
         "sampler_options": json.dumps(s["options"], sort_keys=True, separators=(",", ":")),
         "init_from": cfg["model"]["init_from"] or "",
+        "condition": cfg["data"]["condition"], "guidance_scale": "" if s["guidance_scale"] is None else s["guidance_scale"],
+        "guidance_exit": s["guidance_exit"] if conditioning is not None and s["guidance_scale"] else "",
+        # network passes per sampling call and sample: 2 with guidance (conditional + unconditional halves);
+        # gflops below is per pass
+        "passes_per_call": 2 if conditioning is not None and s["guidance_scale"] else 1,
+        **(latent.columns if latent else {}),
     }
     reference = _reference(cfg, device, progress) if cfg["eval"]["fid"] else None
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection stay out of the timings
-        model.backbone(torch.zeros(min(s["batch_size"], 8), *shape, device=device),
-                       torch.full((min(s["batch_size"], 8),), 500.0, device=device))
-    full = _measure(model, method, schedule, cfg, None, shape, device, flops, progress)
+        k = min(s["batch_size"], 8)
+        model.backbone(torch.zeros(k, *shape, device=device), torch.full((k,), 500.0, device=device),
+                       None if conditioning is None else conditioning.sampling(torch.arange(k), r["seed"], device))
+    measure = partial(_measure, model, method, schedule, cfg, shape=shape, device=device, flops=flops,
+                      progress=progress, conditioning=conditioning, decode=latent.decode if latent else None)
+    full = measure(None)
     # The full-depth analyses depend on the model, not the threshold: made once, not in every sweep trial.
     results, full_id = Path(r["results"]), _run_id(cfg, None)
     if cfg["eval"]["layer_errors"] and (force or not _has_run(results / "layer_mse.csv", full_id)):
-        _store_layer_errors(cfg, model, method, schedule, shape, device, full_id)
+        _store_layer_errors(cfg, model, method, schedule, shape, device, full_id, conditioning)
     if cfg["eval"]["loss_buckets"] and (force or not _has_run(results / "loss_per_timestep.csv", full_id)):
-        _store_timestep_loss(cfg, model, schedule, device, full_id)
+        _store_timestep_loss(cfg, model, schedule, device, full_id, conditioning)
     rows = []
     for threshold in thresholds:
-        m = full if threshold is None else _measure(model, method, schedule, cfg, threshold, shape, device,
-                                                    flops, progress)
+        m = full if threshold is None else measure(threshold)
         cell = (f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}"
                 f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}")
         grid = save_grid(m["images"][:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
@@ -121,6 +133,31 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         _store_per_step(cfg, model, m, full, row["run_id"])
         rows.append(row)
     return rows
+
+
+class LatentPipeline:
+    """A latent dataset's autoencoder (decodes samples to images) and the labels result rows carry."""
+
+    def __init__(self, codec, columns: dict):
+        self.codec, self.columns = codec, columns
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+
+def latent_pipeline(cfg: dict, device: torch.device) -> LatentPipeline | None:
+    """None for a pixel-space dataset; else the autoencoder recorded with the prepared latents."""
+    from bench.data import dataset_info
+
+    d = cfg["data"]
+    if not getattr(dataset_info(d["name"], path=d["path"]), "latent", False):
+        return None
+    from bench.data import latent_codec, latent_description
+
+    codec = latent_codec(d["name"], d["path"])
+    codec.to(device)
+    return LatentPipeline(codec, latent_description(d["name"], d["path"]))
 
 
 def _has_run(path: Path, run_id: str) -> bool:
@@ -149,7 +186,7 @@ def _store_per_step(cfg: dict, model, measured: dict, full: dict, run_id: str) -
     append_rows(results / "trajectory.csv", trajectory, force=True, key=("run_id", "step"))
 
 
-def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_id: str) -> None:
+def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_id: str, conditioning=None) -> None:
     """Each exit's prediction against the final one along a full-depth trajectory (paper Fig. 1), and,
     for methods with uncertainty maps, the maps at five calls along it (Fig. 4) in uncertainty/<run_id>.npz."""
     from bench.diffusion import SAMPLERS, NoiseSource
@@ -157,8 +194,11 @@ def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_i
     from bench.store import append_rows
 
     s = cfg["sample"]
-    probe = LayerErrorProbe(model)
     n = min(s["n_samples"], s["batch_size"], 16)
+    # conditional models: the samples' own conditions, without guidance (each exit against the final exit
+    # of the same conditional pass)
+    cond = None if conditioning is None else conditioning.sampling(torch.arange(n), cfg["run"]["seed"], device)
+    probe = LayerErrorProbe(model, cond)
     with torch.no_grad():
         SAMPLERS.get(s["sampler"])(probe, schedule, NoiseSource(cfg["run"]["seed"], range(n)), shape, s["steps"],
                                    device=device, **s["options"])
@@ -171,12 +211,12 @@ def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_i
         from bench.evaluate.trajectory import uncertainty_snapshots
 
         calls = torch.linspace(0, len(probe.inputs) - 1, min(5, len(probe.inputs))).round().long().unique()
-        snapshots = uncertainty_snapshots(method, model, [probe.inputs[c] for c in calls.tolist()])
+        snapshots = uncertainty_snapshots(method, model, [probe.inputs[c] for c in calls.tolist()], cond=cond)
         atomic_write(Path(cfg["run"]["results"]) / "uncertainty" / f"{run_id}.npz",
                      lambda f: np.savez_compressed(f, calls=calls.numpy(), **snapshots))
 
 
-def _store_timestep_loss(cfg: dict, model, schedule, device, run_id: str) -> None:
+def _store_timestep_loss(cfg: dict, model, schedule, device, run_id: str, conditioning=None) -> None:
     """Each exit's L_simple per bucket of diffusion time on training images (paper Fig. 3)."""
     from bench.evaluate.trajectory import timestep_loss_rows
     from bench.setup import build_train_dataset
@@ -184,18 +224,22 @@ def _store_timestep_loss(cfg: dict, model, schedule, device, run_id: str) -> Non
 
     dataset = build_train_dataset(cfg)
     n = min(len(dataset), cfg["eval"]["loss_images"])
-    images = torch.stack([dataset[i][0] for i in torch.linspace(0, len(dataset) - 1, n).long().tolist()])
-    rows = timestep_loss_rows(model, schedule, images, cfg["eval"]["loss_buckets"], cfg["run"]["seed"], run_id)
+    items = [dataset[i] for i in torch.linspace(0, len(dataset) - 1, n).long().tolist()]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
+    cond = None if conditioning is None else conditioning.exact(torch.stack([torch.as_tensor(y) for _, y in items]),
+                                                                 device)
+    rows = timestep_loss_rows(model, schedule, images, cfg["eval"]["loss_buckets"], cfg["run"]["seed"], run_id, cond)
     append_rows(Path(cfg["run"]["results"]) / "loss_per_timestep.csv", rows, force=True, key=("run_id", "bucket"))
 
 
-def _measure(model, method, schedule, cfg, threshold, shape, device, flops, progress) -> dict:
+def _measure(model, method, schedule, cfg, threshold, *, shape, device, flops, progress, conditioning=None,
+             decode=None) -> dict:
     from bench.evaluate.trajectory import TrajectoryRecorder
 
     sample_cfg = {**cfg["sample"], "threshold": threshold}
     trajectory = TrajectoryRecorder()
     images, stats = generate(model, schedule, sample_cfg, cfg["run"]["seed"], shape, device, progress=progress,
-                             method=method, callback=trajectory)
+                             method=method, callback=trajectory, conditioning=conditioning, decode=decode)
     decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
     gflops = gflops_per_call(flops, stats["record"], decide) if flops else None
     return {"images": images, "gflops": gflops, "trajectory": trajectory, **stats}

@@ -14,21 +14,28 @@ from bench.engine import EarlyExitModel, ExitRecord
 
 @torch.no_grad()
 def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...], device: torch.device,
-             progress: bool = True, method=None, callback=None) -> tuple[Tensor, dict]:
+             progress: bool = True, method=None, callback=None, conditioning=None,
+             decode=None) -> tuple[Tensor, dict]:
     """n_samples images in [-1, 1] (on the CPU) and measurements of how they were made.
 
-    Sample i's noise depends only on (seed, i), so the images do not depend on the batch size.
-    The network runs through the early-exit engine with `sample_cfg["threshold"]` (None: full depth).
-    `callback(step, x, t)` sees the first batch's trajectory.
+    Sample i's noise (and condition) depends only on (seed, i), so the images do not depend on the
+    batch size. The network runs through the early-exit engine with `sample_cfg["threshold"]`
+    (None: full depth) and, for a conditional model (`conditioning`), classifier-free guidance at
+    `sample_cfg["guidance_scale"]`. `decode` turns the sampler's output into images (latent models:
+    the autoencoder's decoder; not timed). `callback(step, x, t)` sees the first batch's trajectory.
     """
     model.eval()
     sampler = SAMPLERS.get(sample_cfg["sampler"])
     n, batch = sample_cfg["n_samples"], sample_cfg["batch_size"]
-    engine = EarlyExitModel(model, method, threshold=sample_cfg["threshold"], mode=sample_cfg["engine_mode"])
+    engine = EarlyExitModel(model, method, threshold=sample_cfg["threshold"], mode=sample_cfg["engine_mode"],
+                            uncond=None if conditioning is None else conditioning.null.to(device),
+                            guidance_scale=sample_cfg.get("guidance_scale"),
+                            guidance_exit=sample_cfg.get("guidance_exit", "both"))
     images, seconds = [], 0.0
     for start in range(0, n, batch):
         indices = torch.arange(start, min(n, start + batch))
         noise = NoiseSource(seed, indices)
+        engine.cond = None if conditioning is None else conditioning.sampling(indices, seed, device)
         _sync(device)
         tick = time.perf_counter()
         x = sampler(engine, schedule, noise, shape, sample_cfg["steps"], device=device,
@@ -36,11 +43,13 @@ def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...
                     **sample_cfg["options"])
         _sync(device)
         seconds += time.perf_counter() - tick
+        if decode is not None:
+            x = decode(x)
         images.append(x.clamp(-1, 1).float().cpu())
     record = engine.record
     calls = sum(len(e) for e in record.exit_blocks)
     stats = {"seconds_per_image": seconds / n, "layer_ratio": record.layer_ratio(model.backbone.num_exits),
-             "network_calls_per_image": calls / n, "record": record}
+             "network_calls_per_image": calls / n, "passes_per_call": 2 if engine.guided else 1, "record": record}
     return torch.cat(images), stats
 
 

@@ -41,8 +41,12 @@ def build_schedule(cfg: dict):
 
 def build_model(cfg: dict, method: Method) -> DiffusionModel:
     """The backbone sized for the dataset, plus what the method attaches."""
+    from bench.conditioning import build_conditioning
+
     resolution, channels, classes = image_geometry(cfg)
-    kwargs = {**method.backbone_overrides(cfg["model"]["backbone"]), **cfg["model"]["kwargs"]}
-    backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels,
-                              num_classes=classes, **kwargs)
+    conditioning = build_conditioning(cfg)
+    kwargs = {**(conditioning.backbone_kwargs() if conditioning else {}),
+              **method.backbone_overrides(cfg["model"]["backbone"]), **cfg["model"]["kwargs"]}
+    kwargs.setdefault("num_classes", classes)
+    backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels, **kwargs)
     return DiffusionModel(backbone, method.attach(backbone))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_state_into, load_weights_into
+from bench.conditioning import build_conditioning
 from bench.config import config_hash
 from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
 from methods import build_method
@@ -56,16 +57,35 @@ def preload(dataset, num_workers: int, device: torch.device) -> tuple[torch.Tens
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=500, num_workers=num_workers)
     images, labels = [], []
+    latent = is_latent(dataset)
     for x, y in tqdm(loader, desc="loading images", leave=False, disable=len(dataset) < 20_000):
-        images.append(((x + 1.0) * 127.5).round().to(torch.uint8))  # exact: items are v / 127.5 - 1
+        # exact for images (items are v / 127.5 - 1); latents are kept as they are
+        images.append(x.float() if latent else ((x + 1.0) * 127.5).round().to(torch.uint8))
         labels.append(torch.as_tensor(y))
     return torch.cat(images).to(device), torch.cat(labels).to(device)
 
 
-def calibration_images(dataset, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """n training images in [-1, 1] drawn with the run seed, for a method's `prepare` (pruning's importance)."""
+def is_latent(dataset) -> bool:
+    """Whether items are autoencoder latents rather than 8-bit images."""
+    info = getattr(dataset, "info", None)
+    return bool(getattr(info, "latent", False))
+
+
+def _as_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """A preloaded batch back to model input: uint8 images to [-1, 1]; latents unchanged."""
+    return batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch
+
+
+def calibration_batch(dataset, n: int, seed: int, device: torch.device, conditioning=None):
+    """n training images in [-1, 1] drawn with the run seed, and their conditions (None for an
+    unconditional model), for a method's `prepare` (pruning's importance)."""
     order = torch.randperm(len(dataset), generator=_step_generator(seed, 0, salt=2))[:n]
-    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in order]).float().to(device)
+    items = [dataset[int(i)] for i in order]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float().to(device)
+    if conditioning is None:
+        return images, None
+    labels = torch.stack([torch.as_tensor(y) for _, y in items])
+    return images, conditioning.training(labels, torch.Generator().manual_seed(seed), device)
 
 
 def learning_rate(cfg_train: dict, step: int) -> float:
@@ -104,6 +124,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     device = resolve_device(cfg["run"]["device"])
 
     dataset = build_train_dataset(cfg)
+    conditioning = build_conditioning(cfg)
     schedule = build_schedule(cfg)
     method = build_method(cfg["run"]["method"], cfg["method"])
     torch.manual_seed(seed)  # the initial weights, too, follow from the run seed
@@ -121,8 +142,10 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
         if cfg["model"]["init_from"] and not getattr(method, "from_scratch", False):
             load_weights_into(model, cfg["model"]["init_from"])
         if hasattr(method, "prepare"):  # a change of the model before the first step (pruning), made once
-            method.prepare(model, calibration_images(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]),
-                                                     seed, device), schedule, _step_generator(seed, 0, salt=3))
+            images, cond = calibration_batch(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]), seed,
+                                             device, conditioning)
+            extra = {} if cond is None else {"cond": cond}  # methods for unconditional models need not take it
+            method.prepare(model, images, schedule, _step_generator(seed, 0, salt=3), **extra)
         load_state_into(ema, model.state_dict())
     # the optimizer is built after any change of structure, so that it holds the final parameters
     decay, no_decay = [], []
@@ -140,7 +163,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end)
     if cfg["data"]["preload"]:
         images, labels = preload(dataset, cfg["data"]["num_workers"], device)
-        loader = ((images[idx].float() / 127.5 - 1.0, labels[idx]) for idx in map(torch.tensor, sampler))
+        loader = ((_as_model_input(images[idx]), labels[idx]) for idx in map(torch.tensor, sampler))
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["data"]["num_workers"])
 
@@ -164,7 +187,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             x0, noise = x0.to(device), noise.to(device)
             x_t = schedule.add_noise(x0, t, noise)
             model_t = schedule.model_time(t).to(device)
-            cond = None  # class/text conditioning arrives with the latent datasets
+            cond = None if conditioning is None else conditioning.training(label, gen, device)
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(t_cfg, step)

@@ -131,7 +131,8 @@ class PruningState(nn.Module):
 
 
 def accumulate_gradients(model: DiffusionModel, images: Tensor, schedule, thr: float, max_steps: int,
-                         generator: torch.Generator | None = None, stride: int = 1) -> list[float]:
+                         generator: torch.Generator | None = None, stride: int = 1,
+                         cond: Tensor | None = None) -> list[float]:
     """Sum the gradients of mse(eps_theta(x_k, k), eps) over network times k = 0, s, 2s, ... (Diff-Pruning: s = 1).
 
     At most `max_steps` evaluations. Stops after the first k whose loss is below thr * max loss (that
@@ -149,7 +150,7 @@ def accumulate_gradients(model: DiffusionModel, images: Tensor, schedule, thr: f
         model_t = torch.full((images.shape[0],), k + offset, dtype=torch.float32, device=images.device)
         t = schedule.from_model_time(model_t.cpu().double())  # on the CPU, as in training
         x_t = schedule.add_noise(images, t, noise)
-        loss = F.mse_loss(model(x_t, model_t), noise)
+        loss = F.mse_loss(model(x_t, model_t, cond), noise)
         loss.backward()
         value = loss.item()
         losses.append(value)
@@ -240,6 +241,8 @@ def _ignored_layers(backbone: nn.Module) -> list[nn.Module]:
             if block.skip_linear is not None:
                 ignored.append(block.skip_linear)
         ignored += [m for m in backbone.time_embed.modules() if isinstance(m, nn.Linear)]
+        if getattr(backbone, "context_embed", None) is not None:  # text tokens join the residual stream
+            ignored.append(backbone.context_embed)
     elif hasattr(backbone, "conv_out"):  # DDIM U-Net: image-channel outputs
         ignored.append(backbone.conv_out)
         if backbone.exit_heads is not None:
@@ -327,12 +330,13 @@ class Pruning(Baseline):
         return nn.ModuleDict({"pruning": PruningState()})
 
     def prepare(self, model: DiffusionModel, images: Tensor | list[Tensor], schedule,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None, cond: Tensor | None = None) -> dict:
         """Prune `model` in place once, before fine-tuning.
 
         `images`: clean training images in [-1, 1] (N, C, H, W), or a list of such batches (joined);
-        Diff-Pruning uses one batch of 128. A model that is already pruned (say, initialised from a
-        pruned checkpoint) is left alone.
+        Diff-Pruning uses one batch of 128. `cond`: their class labels or text features, for a
+        conditional model. A model that is already pruned (say, initialised from a pruned checkpoint)
+        is left alone.
         """
         if isinstance(images, (list, tuple)):
             images = torch.cat(list(images))
@@ -344,8 +348,8 @@ class Pruning(Baseline):
             generator = torch.Generator().manual_seed(0)
         with torch.autocast(images.device.type, enabled=False):
             losses = accumulate_gradients(model, images.float(), schedule, self.thr, self.max_steps, generator,
-                                          self.stride)
-            example = (images[:1].float(), torch.zeros(1, device=images.device))
+                                          self.stride, cond)
+            example = (images[:1].float(), torch.zeros(1, device=images.device), None if cond is None else cond[:1])
             counts = prune_backbone(model.backbone, self.ratio, example)
         model.zero_grad(set_to_none=True)
         state.pruned.fill_(True)

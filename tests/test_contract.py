@@ -17,10 +17,11 @@ SMALL = {
     "uvit_s2_cifar10": dict(embed_dim=64, num_heads=2),
     "uvit_s4_celeba64": dict(embed_dim=64, num_heads=2),
     "uvit_l2_imagenet256": dict(embed_dim=64, num_heads=2),
+    "uvit_s2_mscoco": dict(embed_dim=64, num_heads=2, clip_dim=32),  # 77 text tokens kept
     "ddim_cifar10": dict(ch=32),
     "ddim_celeba64": dict(ch=32, img_size=32),  # 5 levels kept (32 is a multiple of 2**4)
 }
-EXPECTED_EXITS = {"uvit_s2_cifar10": 13, "uvit_s4_celeba64": 13, "uvit_l2_imagenet256": 21, "uvit_tiny": 13,
+EXPECTED_EXITS = {"uvit_s2_cifar10": 13, "uvit_s4_celeba64": 13, "uvit_l2_imagenet256": 21, "uvit_s2_mscoco": 13, "uvit_tiny": 13,
                   "uvit_tiny_p4": 13, "ddim_cifar10": 9, "ddim_celeba64": 11, "ddim_tiny": 7}
 BATCH = 3
 
@@ -47,6 +48,8 @@ def _inputs(model, batch=BATCH, seed=1):
     x = torch.randn(batch, channels, size, size, generator=g)
     t = torch.tensor([1.0, 421.0, 999.0, 37.0, 600.0][:batch])
     cond = torch.randint(0, classes, (batch,), generator=g) if classes > 0 else None
+    if getattr(model, "clip_dim", None):  # text-conditioned: CLIP token features
+        cond = torch.randn(batch, model.num_clip_token, model.clip_dim, generator=g)
     return x, t, cond
 
 

@@ -90,3 +90,87 @@ def test_sampling_through_the_engine_records_every_call():
 def test_unknown_mode_lists_valid():
     with pytest.raises(ValueError, match="realised, simulate"):
         EarlyExitModel(MODELS["uvit"], ExitWhenHiddenSmall(), mode="fast")
+
+
+# -- classifier-free guidance: both halves of a sample share one exit block -------------------------
+
+
+class ExitOnLabelToken(Method):
+    """A test plugin whose signal depends on the condition: the mean of the label token's state."""
+
+    def decide(self, model, i, state, ctx, threshold):
+        return state["x"][:, 0].mean(1) < threshold
+
+
+def _class_model():
+    torch.manual_seed(1)
+    return DiffusionModel(build_backbone("uvit_tiny", embed_dim=32, num_heads=2, num_classes=11).eval())
+
+
+def test_guidance_without_exit_is_u_vits_formula():
+    model = _class_model()
+    x, t, y = torch.randn(4, 1, 28, 28), torch.linspace(10, 900, 4), torch.tensor([0, 3, 7, 9])
+    null = torch.tensor(10)
+    with torch.no_grad():
+        eps_c, eps_u = model(x, t, y), model(x, t, null.expand(4))
+    engine = EarlyExitModel(model, ExitWhenHiddenSmall(), threshold=None, cond=y, uncond=null, guidance_scale=0.4)
+    torch.testing.assert_close(engine(x, t), eps_c + 0.4 * (eps_c - eps_u), atol=1e-5, rtol=0)
+    assert len(engine.record.exit_blocks[0]) == 4  # one exit per sample, not per half
+    assert engine.record.blocks_run == 8 * model.backbone.num_exits  # but both halves ran
+
+
+@pytest.mark.parametrize("rule", ["both", "cond", "any"])
+def test_guided_exits_are_shared_by_both_halves(rule):
+    model = _class_model()
+    bb = model.backbone
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(6, 1, 28, 28, generator=g), torch.linspace(5, 990, 6)
+    y, null = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor(10)
+    # thresholds between the two halves' signals make the rules differ
+    signals = []
+    with torch.no_grad():
+        state = bb.prepare(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null.expand(6)]))
+        for i in range(bb.num_exits - 1):
+            state = bb.run_block(i, state)
+            signals.append(state["x"][:, 0].mean(1))
+    last = bb.num_exits - 1
+
+    def first_stop(stops):  # (blocks, n) -> the first stopping block per column, else the last block
+        return torch.tensor([int(torch.nonzero(stops[:, k])[0]) if stops[:, k].any() else last
+                             for k in range(stops.shape[1])])
+
+    def rules_differ(thr):
+        stops = torch.stack([s < thr for s in signals])
+        return not torch.equal(first_stop(stops[:, :6] & stops[:, 6:]), first_stop(stops[:, :6]))
+
+    candidates = torch.cat(signals).quantile(torch.linspace(0.05, 0.95, 19)).tolist()
+    threshold = next(thr for thr in candidates if rules_differ(thr))  # the rules really differ here
+    engine = EarlyExitModel(model, ExitOnLabelToken(), threshold=threshold, cond=y, uncond=null,
+                            guidance_scale=1.0, guidance_exit=rule)
+    out = engine(x, t)
+    exits = engine.record.exit_blocks[0]
+    # the expected pair exit from the per-half signals
+    stops = torch.stack([s < threshold for s in signals])  # (blocks, 2B)
+    c, u = stops[:, :6], stops[:, 6:]
+    expected = first_stop(c & u if rule == "both" else c if rule == "cond" else c | u)
+    assert torch.equal(exits, expected)
+    # each half's prediction comes from that shared exit: recompute by hand
+    ref = []
+    for k in range(6):
+        s = bb.prepare(torch.stack([x[k], x[k]]), torch.stack([t[k], t[k]]), torch.stack([y[k], null]))
+        for i in range(int(expected[k]) + 1):
+            s = bb.run_block(i, s)
+        e = bb.head(s, int(expected[k]))
+        ref.append(e[0] + 1.0 * (e[0] - e[1]))
+    torch.testing.assert_close(out, torch.stack(ref), atol=1e-4, rtol=0)
+    simulated = EarlyExitModel(model, ExitOnLabelToken(), threshold=threshold, mode="simulate", cond=y,
+                               uncond=null, guidance_scale=1.0, guidance_exit=rule)
+    torch.testing.assert_close(simulated(x, t), out, atol=1e-4, rtol=0)
+    assert torch.equal(simulated.record.exit_blocks[0], exits)
+
+
+def test_guidance_needs_the_unconditional_input():
+    with pytest.raises(ValueError, match="unconditional"):
+        EarlyExitModel(_class_model(), ExitWhenHiddenSmall(), guidance_scale=0.4, cond=torch.tensor([1]))
+    with pytest.raises(ValueError, match="guidance_exit"):
+        EarlyExitModel(_class_model(), ExitWhenHiddenSmall(), guidance_exit="either")

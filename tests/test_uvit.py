@@ -223,3 +223,51 @@ def test_scalar_timestep_and_label_on_unconditional():
         assert torch.equal(model(x, torch.tensor(40.0)), model(x, torch.full((2,), 40.0)))
         with pytest.raises(ValueError, match="unconditional"):
             model(x, torch.full((2,), 40.0), torch.tensor([0, 1]))
+
+
+# -- the text-conditioned U-ViT (libs/uvit_t2i.py) ------------------------------------------------
+
+
+def test_text_model_official_keys_and_size():
+    model = _meta("uvit_s2_mscoco")
+    sd = model.state_dict()
+    assert set(sd) == (official_keys(12, conditional=False) | {"context_embed.weight", "context_embed.bias"})
+    assert tuple(sd["context_embed.weight"].shape) == (512, 768)  # CLIP ViT-L/14 width -> D
+    assert tuple(sd["pos_embed"].shape) == (1, 1 + 77 + 16 * 16, 512)  # [time][77 text][256 patches]
+    assert model.num_exits == 13
+    # U-ViT's paper lists 45M parameters for U-ViT-S/2 on MS-COCO
+    assert 44.5e6 < sum(p.numel() for p in model.parameters()) < 45.5e6
+
+
+def test_text_model_forward_equals_reference():
+    torch.manual_seed(0)
+    model = _randomise(UViT(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=6, num_heads=4, clip_dim=12,
+                            num_clip_token=5).eval(), seed=4)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 640.0])
+    context = torch.randn(2, 5, 12, generator=g)
+    B, C, H, W = x.shape
+    D, p = 32, 2
+    with torch.no_grad():
+        patches = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=p).flatten(2)
+        text = context @ model.context_embed.weight.T + model.context_embed.bias
+        h = torch.cat([_reference_timestep_embedding(t, D)[:, None, :], text, patches.transpose(1, 2)], dim=1)
+        h = h + model.pos_embed  # [time][text][patches], the t2i order
+        skips = []
+        for blk in model.in_blocks:
+            h = _reference_block(blk, h, 4)
+            skips.append(h)
+        h = _reference_block(model.mid_block, h, 4)
+        for blk in model.out_blocks:
+            h = _reference_block(blk, h, 4, skip=skips.pop())
+        h = F.layer_norm(h, (D,), model.norm.weight, model.norm.bias, eps=1e-5)
+        h = (h @ model.decoder_pred.weight.T + model.decoder_pred.bias)[:, 1 + 5:, :]
+        img = h.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        ref = F.conv2d(img, model.final_layer.weight, model.final_layer.bias, padding=1)
+        out = model(x, t, context)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        assert not torch.allclose(model(x, t, context.flip(0)), out, atol=1e-4)  # the text matters
+    with pytest.raises(ValueError, match="text-conditioned"):
+        model(x, t, None)
+    with pytest.raises(ValueError, match="not both"):
+        UViT(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=4, num_classes=10, clip_dim=12)

@@ -16,6 +16,13 @@ from torch import Tensor
 from backbones.contract import select_state
 
 MODES = ("realised", "simulate")
+# Classifier-free guidance runs every sample twice (conditional and unconditional halves of one batch).
+# Both halves of a sample must stop at the same block, so that eps_c + s (eps_c - eps_u) combines
+# predictions of the same depth; the rule says whose decision counts:
+#   both: the pair stops when the method would stop both halves (never exits on the weaker half's word)
+#   cond: the conditional half decides, the unconditional half follows
+#   any:  the pair stops as soon as either half would
+GUIDANCE_EXITS = ("both", "cond", "any")
 
 
 @dataclass
@@ -41,17 +48,30 @@ class ExitRecord:
 class EarlyExitModel:
     """eps_fn(x, model_t) with early exit; records where every sample stopped at every call.
 
-    threshold=None runs the full model (the method is never asked). `cond` is the class or
-    text condition of the whole batch, if any.
+    threshold=None runs the full model (the method is never asked). `cond` is the class labels (B,)
+    or text features (B, 77, D) of the samples in the batch, if any. With `guidance_scale` set and
+    `uncond` (the null label, or the empty caption's features) the prediction is U-ViT's classifier-free
+    guidance eps_c + scale * (eps_c - eps_u), from one batch of 2B; `guidance_exit` (GUIDANCE_EXITS)
+    says how the two halves of a sample share one exit block. The record holds one exit per sample.
     """
 
     def __init__(self, model, method, threshold: float | None = None, mode: str = "realised",
-                 cond: Tensor | None = None):
+                 cond: Tensor | None = None, uncond: Tensor | None = None, guidance_scale: float | None = None,
+                 guidance_exit: str = "both"):
         if mode not in MODES:
             raise ValueError(f"unknown engine mode {mode!r}; valid: {', '.join(MODES)}")
+        if guidance_exit not in GUIDANCE_EXITS:
+            raise ValueError(f"unknown guidance_exit {guidance_exit!r}; valid: {', '.join(GUIDANCE_EXITS)}")
+        if guidance_scale and uncond is None:
+            raise ValueError("guidance needs the unconditional input (null label or empty-caption features)")
         self.model, self.method, self.threshold, self.mode, self.cond = model, method, threshold, mode, cond
+        self.uncond, self.guidance_scale, self.guidance_exit = uncond, guidance_scale, guidance_exit
         self.backbone = model.backbone
         self.record = ExitRecord()
+
+    @property
+    def guided(self) -> bool:
+        return bool(self.guidance_scale) and self.cond is not None
 
     @property
     def num_exits(self) -> int:
@@ -62,9 +82,27 @@ class EarlyExitModel:
         return self.predict(x, model_t)
 
     def predict(self, x: Tensor, model_t: Tensor) -> Tensor:
+        if not self.guided:
+            return self._run(x, model_t, self.cond, paired=False)
+        batch = x.shape[0]
+        uncond = self.uncond.to(self.cond.device).expand(batch, *self.cond.shape[1:]).to(self.cond.dtype)
+        t = model_t.expand(batch) if model_t.dim() == 0 else model_t
+        out = self._run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.cond, uncond]), paired=True)
+        eps_c, eps_u = out[:batch], out[batch:]
+        return eps_c + self.guidance_scale * (eps_c - eps_u)  # U-ViT's convention: scale 0 = no guidance
+
+    def _pair(self, stop: Tensor) -> Tensor:
+        """One decision for both halves: active samples are [conditional..., unconditional...] in the
+        same order, because every removal so far was symmetric."""
+        half = len(stop) // 2
+        c, u = stop[:half], stop[half:]
+        pair = c & u if self.guidance_exit == "both" else c if self.guidance_exit == "cond" else c | u
+        return torch.cat([pair, pair])
+
+    def _run(self, x: Tensor, model_t: Tensor, cond: Tensor | None, paired: bool) -> Tensor:
         bb, last = self.backbone, self.backbone.num_exits - 1
         batch = x.shape[0]
-        state = bb.prepare(x, model_t, self.cond)
+        state = bb.prepare(x, model_t, cond)
         ctx = {"model_t": model_t}  # per-sample context a method may extend (batch-first tensors only)
         out = torch.empty_like(x)
         exit_block = torch.full((batch,), last, dtype=torch.long, device=x.device)
@@ -83,6 +121,8 @@ class EarlyExitModel:
             if stop is None:
                 continue
             stop = stop.to(torch.bool)
+            if paired:
+                stop = self._pair(stop)
             if self.mode == "simulate":
                 stop = stop & undecided
                 if stop.any():
@@ -98,6 +138,6 @@ class EarlyExitModel:
                 if len(active) == 0:
                     break
                 state, ctx = select_state(state, keep), select_state(ctx, keep)
-        self.record.exit_blocks.append(exit_block.cpu())
+        self.record.exit_blocks.append(exit_block[:batch // 2 if paired else batch].cpu())
         self.record.model_times.append(float(model_t.float().mean()))
         return out

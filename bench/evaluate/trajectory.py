@@ -75,10 +75,12 @@ class LayerErrorProbe:
 
 
 @torch.no_grad()
-def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int, run_id: str) -> list[dict]:
+def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int, run_id: str,
+                       cond: Tensor | None = None) -> list[dict]:
     """Each exit's noise-prediction MSE (L_simple at that exit) per bucket of diffusion time (paper Fig. 3).
 
     Bucket k holds times drawn uniformly in [k/buckets, (k+1)/buckets) of the schedule's [0, 1].
+    `cond`: the images' labels or text features, for a conditional model.
     """
     bb, gen = model.backbone, torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -87,7 +89,7 @@ def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int,
         t = (k + torch.rand(len(images), generator=gen, dtype=torch.float64)) / buckets
         noise = torch.randn(images.shape, generator=gen)
         x_t = schedule.add_noise(images, t, noise).to(device)
-        state, errors = bb.prepare(x_t, schedule.model_time(t).to(device)), []
+        state, errors = bb.prepare(x_t, schedule.model_time(t).to(device), cond), []
         for i in range(bb.num_exits):
             state = bb.run_block(i, state)
             errors.append(float(((bb.head(state, i).cpu() - noise) ** 2).mean()))
@@ -97,11 +99,13 @@ def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int,
 
 
 @torch.no_grad()
-def uncertainty_snapshots(method, model, probe_inputs: list[tuple[Tensor, Tensor]], keep: int = 4) -> dict:
-    """DeeDiff's per-exit uncertainty maps at chosen network calls (paper Fig. 4), as float16 arrays."""
+def uncertainty_snapshots(method, model, probe_inputs: list[tuple[Tensor, Tensor]], keep: int = 4,
+                          cond: Tensor | None = None) -> dict:
+    """DeeDiff's per-exit uncertainty maps at chosen network calls (paper Fig. 4), as float16 arrays.
+    `cond`: the samples' conditions (the probe's), for a conditional model."""
     maps, times, inputs = [], [], []
     for x, model_t in probe_inputs:
-        per_exit = method.uncertainty_maps(model, x[:keep], model_t[:keep])
+        per_exit = method.uncertainty_maps(model, x[:keep], model_t[:keep], None if cond is None else cond[:keep])
         maps.append(torch.stack(per_exit, 1).half().cpu())  # (keep, exits, C, H, W)
         times.append(float(model_t.float().mean()))
         inputs.append(x[:keep].half().cpu())
