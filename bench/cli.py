@@ -250,6 +250,34 @@ def ls_command(what: str = typer.Argument("all", help="methods | backbones | dat
                 typer.echo(f"  {key:22s} {text}")
 
 
+@app.command("report")
+def report_command(
+        table: Optional[list[str]] = typer.Option(None, "--table", help="table number(s): 1-7, repeatable or 1,3"),
+        figure: Optional[list[str]] = typer.Option(None, "--figure", help="figure number(s): 1,3,4,5,6,7"),
+        everything: bool = typer.Option(False, "--all", help="every table and figure (the default with neither)"),
+        results: Optional[str] = typer.Option(None, "--results", help="results directory to read (default: results)"),
+        out: Optional[str] = typer.Option(None, "--out", help="where to write (default: <results>/reports)"),
+        paper: bool = typer.Option(False, "--paper", help="add the paper's published numbers as separate columns"),
+        operating_point: str = typer.Option(
+            "fid-tolerance:10%", "--operating-point",
+            help="row of a dynamic method: fid-tolerance:10% | max-reduction | threshold:0.1 | target-reduction:45%"),
+        datasets: Optional[str] = typer.Option(
+            None, "--dataset", help="comma-separated datasets: replace the tables' paper datasets, filter figures"),
+        profile: Optional[str] = typer.Option(None, "--profile", help="only rows of this profile"),
+        experiment: Optional[str] = typer.Option(None, "--experiment", help="only rows of this experiment")) -> None:
+    """Tables (Markdown, LaTeX) and figures (PNG) of the paper from the results CSVs; lists what it could not make."""
+    from bench.registry import UnknownNameError
+    from bench.report import make_report
+    from bench.report.load import ReportError
+
+    try:
+        make_report(results or "results", out, table, figure, everything, paper, operating_point,
+                    [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None, profile, experiment,
+                    echo=typer.echo)
+    except (ReportError, UnknownNameError, FileNotFoundError) as err:
+        _fail(err)
+
+
 # ---- sweeps on Ray Tune (bench/sweep.py) -----------------------------------------------------
 
 sweep_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -331,6 +359,43 @@ def sweep_train_command(
     except SweepError as err:
         _sweep_failed(err)
 
+
+
+@app.command("prepare")
+def prepare_command(dataset: str = typer.Argument(..., help="imagenet256 | mscoco"),
+                    out: str = typer.Option(..., "--out", help="layout folder to write"),
+                    source: Optional[str] = typer.Option(None, "--source",
+                                                         help="ILSVRC2012 train/ folder, or the COCO 2014 folder"),
+                    standin: bool = typer.Option(False, "--standin",
+                                                 help="the embedded-MNIST stand-in with random-init encoders"),
+                    autoencoder: Optional[str] = typer.Option(None, "--autoencoder",
+                                                              help="random:tiny | local folder | hub id"),
+                    text_encoder: Optional[str] = typer.Option(None, "--text-encoder",
+                                                               help="random:tiny | local folder | hub id"),
+                    scale: Optional[str] = typer.Option(None, "--scale", help="latent scale: a number or 'auto'"),
+                    flip: bool = typer.Option(True, "--flip/--no-flip", help="also encode mirrored images (U-ViT)"),
+                    per_class: Optional[int] = typer.Option(None, "--per-class"),
+                    limit: Optional[int] = typer.Option(None, "--limit"),
+                    val_limit: Optional[int] = typer.Option(None, "--val-limit"),
+                    max_captions: Optional[int] = typer.Option(None, "--max-captions"),
+                    reference_count: Optional[int] = typer.Option(None, "--reference-count", help="-1: all"),
+                    n: Optional[int] = typer.Option(None, "--n", help="stand-in images"),
+                    dtype: str = typer.Option("float16", "--dtype"),
+                    batch_size: int = typer.Option(64, "--batch-size"),
+                    num_workers: int = typer.Option(4, "--num-workers"),
+                    device: Optional[str] = DEVICE,
+                    overwrite: bool = typer.Option(False, "--overwrite")) -> None:
+    """Encode ImageNet-256 or MS-COCO once into latents (and caption features), or make the stand-in."""
+    from bench.latent.command import prepare_command as prepare
+
+    try:
+        path = prepare(dataset, out, source, standin=standin, autoencoder=autoencoder, text_encoder=text_encoder,
+                       scale=scale, flip=flip, per_class=per_class, limit=limit, val_limit=val_limit,
+                       max_captions=max_captions, reference_count=reference_count, n=n, dtype=dtype,
+                       batch_size=batch_size, num_workers=num_workers, device=device or "auto", overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as err:  # SpecError and LayoutError are ValueErrors
+        _fail(err)
+    typer.echo(str(path))
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -52,7 +52,7 @@ def mnist_zip_train():
 
 
 def test_registered_datasets_and_info():
-    assert DATASETS.names() == ["celeba", "cifar10", "imagefolder", "mnist"]
+    assert DATASETS.names() == ["celeba", "cifar10", "imagefolder", "imagenet256", "mnist", "mscoco"]
     assert all(DATASETS.describe().values())
     for name, (res, ch, ncls) in {"mnist": (28, 1, 10), "cifar10": (32, 3, 10),
                                   "celeba": (64, 3, 0)}.items():

@@ -31,6 +31,9 @@ class DatasetInfo:
     channels: int
     num_classes: int  # 0: unlabelled (or, for imagefolder before a path is given, not yet known)
     description: str = ""
+    latent: bool = False  # items are autoencoder latents (resolution/channels: the latent's), not images
+    image_resolution: int | None = None  # latent datasets: side of the decoded images (256)
+    context_shape: tuple[int, int] | None = None  # text-conditioned datasets: (tokens, dim) of a context
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,14 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(name: str, *, resolution: int | None, channels: int, num_classes: int,
-                     default_path: Callable[[], object] | None = None):
-    """Register ``build(path, split, resolution, flip, **kwargs)`` under ``name``."""
+                     default_path: Callable[[], object] | None = None, **info_fields):
+    """Register ``build(path, split, resolution, flip, **kwargs)`` under ``name``; ``info_fields``: the
+    other DatasetInfo fields (latent, image_resolution, context_shape)."""
 
     def decorator(build: Callable[..., Dataset]) -> Callable[..., Dataset]:
         doc = (build.__doc__ or "").strip().splitlines()
         text = doc[0] if doc else ""
-        info = DatasetInfo(name, resolution, channels, num_classes, text)
+        info = DatasetInfo(name, resolution, channels, num_classes, text, **info_fields)
         DATASETS.register(name, help=text)(DatasetSpec(info, build, default_path))
         return build
 

@@ -278,10 +278,15 @@ def subset_description(limit: int | None = None, per_class: int | None = None) -
 def reference_dataset(dataset: str, path=None, split: str = "train", resolution: int | None = None,
                       limit: int | None = None, per_class: int | None = None, **dataset_kwargs) -> Dataset:
     """The subset the reference statistics describe: ``build_dataset`` (no flip), then the first
-    ``per_class`` items of each class, then the first ``limit`` items, in the dataset's order."""
-    from bench.data import build_dataset, class_balanced_subset
+    ``per_class`` items of each class, then the first ``limit`` items, in the dataset's order.
+    Latent datasets (imagenet256, mscoco): the real 256 x 256 crops kept in the layout
+    (``bench.data.reference_images``; ``resolution`` is ignored), never the latents."""
+    from bench.data import build_dataset, class_balanced_subset, is_latent, reference_images
 
-    ds = build_dataset(dataset, path, split=split, resolution=resolution, flip=False, **dataset_kwargs)
+    if is_latent(dataset):  # the layout's real 256 x 256 crops, not its latents
+        ds = reference_images(dataset, path, split)
+    else:
+        ds = build_dataset(dataset, path, split=split, resolution=resolution, flip=False, **dataset_kwargs)
     if per_class is not None:
         ds = class_balanced_subset(ds, per_class)
     if limit is not None:
@@ -293,8 +298,10 @@ def reference_dataset(dataset: str, path=None, split: str = "train", resolution:
 def reference_key(dataset: str, path=None, split: str = "train", resolution: int | None = None,
                   limit: int | None = None, per_class: int | None = None) -> dict[str, Any]:
     """What identifies cached reference statistics (the dataset file's checksum, not its path)."""
-    from bench.data import dataset_checksum, dataset_info
+    from bench.data import dataset_checksum, dataset_info, is_latent
 
+    if is_latent(dataset):  # statistics of the decoded-image space: the reference crops' size
+        resolution = dataset_info(dataset, path=path).image_resolution
     return {"format": STATS_FORMAT, "dataset": dataset, "split": split,
             "checksum": dataset_checksum(dataset, path, split),
             "resolution": resolution or dataset_info(dataset).resolution,
