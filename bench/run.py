@@ -109,6 +109,10 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         _store_layer_errors(cfg, model, method, schedule, shape, device, full_id, conditioning)
     if cfg["eval"]["loss_buckets"] and (force or not _has_run(results / "loss_per_timestep.csv", full_id)):
         _store_timestep_loss(cfg, model, schedule, device, full_id, conditioning)
+    # The full-depth row is measured anyway (the reference of every speed-up): store it too, once, so
+    # that "without exiting" and the report's FID-tolerance rule always have the same model's baseline.
+    if None not in thresholds and (force or skip_stored(cfg, [None])):
+        thresholds = [None, *thresholds]
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else measure(threshold)

@@ -49,7 +49,8 @@ def test_threshold_sweep_on_local_ray_stores_one_row_per_threshold_once(tmp_path
     assert "(trained first)" in out and "127.0.0.1 only" in out
 
     rows = read_rows(tmp_path / "results" / "runs.csv")
-    assert sorted(r["threshold"] or "full" for r in rows) == sorted(thresholds)
+    # every asked threshold, plus the full-depth reference each evaluation measures (stored once)
+    assert sorted(r["threshold"] or "full" for r in rows) == sorted({*thresholds, "full"})
     assert {r["method"] for r in rows} == {method} and {r["dataset"] for r in rows} == {"mnist"}
     assert all(r["steps"] == "3" and r["n_samples"] == "4" and r["device"] == "cpu" for r in rows)
     assert all(float(r["full_seconds_per_image"]) > 0 and float(r["measured_speedup"]) > 0 for r in rows)
@@ -62,7 +63,7 @@ def test_threshold_sweep_on_local_ray_stores_one_row_per_threshold_once(tmp_path
     result, out = _invoke(*args)
     assert result.exit_code == 0, out
     assert "nothing to do" in out and not RAY_STARTED.search(out)
-    assert len(read_rows(tmp_path / "results" / "runs.csv")) == len(thresholds)
+    assert len(read_rows(tmp_path / "results" / "runs.csv")) == len({*thresholds, "full"})
     assert sorted(p.name for p in (tmp_path / "runs" / "ray").iterdir()) == experiments
 
 
