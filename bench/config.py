@@ -150,6 +150,11 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
         if value is not None:
             set_key(cfg, f"run.{key}", value)
     r = cfg["run"]
+    items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or []))
+    # Overrides of the library (datasets.*, profiles.*, methods.*) change what the expansion below
+    # copies into the working sections, so they come first; the rest override the expanded result.
+    library = [(k, v) for k, v in items if k.split(".")[0] in ("datasets", "profiles", "methods")]
+    items = [(k, v) for k, v in items if (k, v) not in library]
 
     from bench.data import DATASETS
     from methods import METHODS
@@ -159,6 +164,8 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
         cfg["datasets"].setdefault(name, {"name": name})
     for name in METHODS.names():
         cfg["methods"].setdefault(name, {})
+    for key, value in library:
+        set_key(cfg, key, value)
     _check_name("profile", r["profile"], cfg["profiles"])
     _check_name("dataset", r["dataset"], cfg["datasets"])
     _check_name("method", r["method"], cfg["methods"])
@@ -176,7 +183,6 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
     cfg["data"] = deep_merge(cfg["data"], cfg["datasets"][r["dataset"]], "data")
     cfg["method"] = deep_merge(cfg["method"], cfg["methods"][r["method"]], "method", strict=False)
 
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         set_key(cfg, key, value)
     for key, value in (sweep or {}).items():

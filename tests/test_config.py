@@ -199,3 +199,16 @@ def test_open_sections_take_any_keys(tmp_path):
 def test_a_bad_method_hyper_parameter_names_the_method_and_the_choices():
     with pytest.raises(ConfigError, match=r"methods\.deediff.*loss_form='xx' is not one of \('paper', 'official'\)"):
         resolve(load_config(), run={"method": "deediff"}, overrides=["method.loss_form=xx"])
+
+
+def test_library_overrides_reach_the_working_sections():
+    """--set methods.<name>.x (and datasets.<name>.x) change what the run uses, like method.x does."""
+    from bench.config import load_config, resolve
+
+    cfg = resolve(load_config(), run={"method": "deediff"}, overrides=["methods.deediff.beta_ual=0.5"])
+    assert cfg["method"]["beta_ual"] == 0.5
+    cfg = resolve(load_config(), run={"method": "deediff"},
+                  overrides=["methods.deediff.beta_ual=0.5", "method.beta_ual=0.25"])
+    assert cfg["method"]["beta_ual"] == 0.25  # the working section's override wins
+    cfg = resolve(load_config(), run={"dataset": "cifar10"}, overrides=["datasets.cifar10.flip=false"])
+    assert cfg["data"]["flip"] is False
