@@ -152,12 +152,11 @@ class LatentPipeline:
 
 def latent_pipeline(cfg: dict, device: torch.device) -> LatentPipeline | None:
     """None for a pixel-space dataset; else the autoencoder recorded with the prepared latents."""
-    from bench.data import dataset_info
+    from bench.data import is_latent, latent_codec, latent_description
 
     d = cfg["data"]
-    if not getattr(dataset_info(d["name"], path=d["path"]), "latent", False):
+    if not is_latent(d["name"]):
         return None
-    from bench.data import latent_codec, latent_description
 
     codec = latent_codec(d["name"], d["path"])
     codec.to(device)
