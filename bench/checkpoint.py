@@ -45,25 +45,33 @@ def load_checkpoint(spec: str | Path) -> dict:
         raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {err}") from None
 
 
-def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema") -> None:
+def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", drop_extras: bool = False) -> set[str]:
     """Load weights into a DiffusionModel from one of ours or an official backbone state dict.
 
     Ours hold {"ema": ..., "model": ...} with keys "backbone.*" and "extras.*"; an official
     U-ViT or DDIM checkpoint is a bare backbone state dict and must match it exactly.
+    drop_extras: leave out the file's method modules that the model does not have (a method that
+    evaluates another's weights: static exits of a DeeDiff checkpoint).
+    Returns the model's state-dict keys that came from the file (the rest keep their fresh
+    initialisation: a method's new modules, the DDIM U-Net's exit heads).
     """
     state = load_checkpoint(spec)
     if prefer in state or "model" in state:
         weights = state.get(prefer, state.get("model"))
         weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
         own = model.state_dict()
+        if drop_extras:
+            weights = {k: v for k, v in weights.items() if not k.startswith("extras.") or k in own}
         missing_extras = {k: v for k, v in own.items() if k.startswith("extras.") and k not in weights}
-        return load_state_into(model, {**missing_extras, **weights})
+        load_state_into(model, {**missing_extras, **weights})
+        return set(weights)
     # An official checkpoint has no per-exit heads (DDIM U-Net): those, and only those, may be missing.
     result = model.backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("exit_heads.")]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{spec} does not match {model.backbone.__class__.__name__}: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+    return {f"backbone.{k}" for k in state}
 
 
 def load_state_into(model: nn.Module, weights: dict, strict: bool = True):

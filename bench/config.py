@@ -2,6 +2,9 @@
 
     defaults (bench/defaults.yaml)  ->  bench.yaml  ->  profile  ->  command line  ->  sweep
 
+A profile's own layers apply in this order: the profile, its `per_method.<method>`, its
+`per_dataset.<dataset>`, and that entry's `per_method.<method>`.
+
 The library sections `datasets`, `profiles` and `methods` describe what exists; `run`
 names what to run (method, dataset, profile, seed). `resolve` expands the chosen profile,
 dataset and method into the working sections `data`, `model`, `train`, `sample` and
@@ -21,6 +24,7 @@ from typing import Any
 import yaml
 
 WORKING_SECTIONS = ("data", "model", "train", "sample", "eval", "method")
+EMA_RAMPS = ("fresh", "all", "none")  # train.ema_ramp (bench/train.py, ramped_parameters)
 
 
 class ConfigError(ValueError):
@@ -172,9 +176,13 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
 
     profile = cfg["profiles"][r["profile"]]
     per_dataset = (profile.get("per_dataset") or {}).get(r["dataset"], {})
-    for layer_name, layer in (("profile " + r["profile"], profile), ("profile per_dataset", per_dataset)):
+    layers = [("profile " + r["profile"], profile),
+              ("profile per_method", (profile.get("per_method") or {}).get(r["method"], {})),
+              ("profile per_dataset", per_dataset),
+              ("profile per_dataset per_method", (per_dataset.get("per_method") or {}).get(r["method"], {}))]
+    for layer_name, layer in layers:
         for section, values in layer.items():
-            if section in ("per_dataset", "description"):
+            if section in ("per_dataset", "per_method", "description"):
                 continue
             if section not in WORKING_SECTIONS:
                 raise ConfigError(f"{layer_name}: unknown section {section!r}; allowed: {', '.join(WORKING_SECTIONS)}")
@@ -203,13 +211,18 @@ def _check_name(kind: str, name: str, table: dict) -> None:
 def validate(cfg: dict) -> None:
     """Checks that need more than a type: ranges and names of registered things."""
     t, s = cfg["train"], cfg["sample"]
-    for key, low in (("steps", 0), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1)):
+    for key, low in (("steps", 0), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1),
+                     ("exit_calibration_steps", 0)):
         if t[key] < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {t[key]}")
     if not 0.0 <= t["ema_decay"] < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
     if t["lr"] <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t['lr']}")
+    if t["extras_lr_mult"] <= 0:
+        raise ConfigError(f"train.extras_lr_mult must be > 0, got {t['extras_lr_mult']}")
+    if t["ema_ramp"] not in EMA_RAMPS:
+        raise ConfigError(f"train.ema_ramp must be one of {', '.join(EMA_RAMPS)}; got {t['ema_ramp']!r}")
     if len(t["betas"]) != 2:
         raise ConfigError(f"train.betas must be two numbers, got {t['betas']}")
     for key in ("n_samples", "batch_size", "steps"):

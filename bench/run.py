@@ -19,7 +19,7 @@ from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
 from bench.store import append_row, has_cell, provenance
-from bench.train import train
+from bench.train import train, weights_config
 from methods import build_method
 
 
@@ -47,7 +47,7 @@ def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
 
 def finished_checkpoint(cfg: dict) -> Path:
     """The final checkpoint of this config, or an error that says which command makes it."""
-    path = checkpoint_dir(cfg) / "final.pt"
+    path = checkpoint_dir(weights_config(cfg)) / "final.pt"
     if not path.exists():
         r = cfg["run"]
         raise FileNotFoundError(
@@ -64,7 +64,7 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     device = resolve_device(r["device"])
     method = build_method(r["method"], cfg["method"])
     model = build_model(cfg, method)
-    load_weights_into(model, checkpoint, prefer="ema")
+    load_weights_into(model, checkpoint, prefer="ema", drop_extras=method.weights_from is not None)
     model.to(device).eval()
     schedule = build_schedule(cfg)
     resolution, channels, _ = image_geometry(cfg)

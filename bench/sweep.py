@@ -155,8 +155,9 @@ def _item(cfg: dict, **extra) -> dict:
 
 def _checkpoint(cfg: dict) -> Path:
     from bench.checkpoint import checkpoint_dir
+    from bench.train import weights_config
 
-    return checkpoint_dir(cfg) / "final.pt"
+    return checkpoint_dir(weights_config(cfg)) / "final.pt"
 
 
 # ---- the two sweeps -----------------------------------------------------------------------

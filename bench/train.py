@@ -6,6 +6,7 @@ ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import time
 from pathlib import Path
@@ -94,14 +95,50 @@ def learning_rate(cfg_train: dict, step: int) -> float:
     return cfg_train["lr"] * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
 
 
+def ema_ramp_decay(decay: float, step: int) -> float:
+    """U-ViT's ramp min(decay, (1+s)/(10+s)): a fresh model's first iterates are soon forgotten."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """EMA of the weights; the decay ramps up as min(decay, (1+s)/(10+s)) so short runs are not stuck at init."""
-    d = min(decay, (1 + step) / (10 + step))
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int, ramped: set[str] | None = None) -> None:
+    """EMA of the weights. Parameters named in `ramped` (None: all) use the ramped decay; the others
+    use `decay` from step 0, so that a fine-tune's EMA starts from, and stays close to, the weights
+    it was initialised with (the official DeeDiff code copies the pretrained model into its EMA)."""
+    groups = {True: ([], []), False: ([], [])}
+    for (name, p_ema), p in zip(ema.named_parameters(), model.parameters()):
+        ema_list, model_list = groups[ramped is None or name in ramped]
+        ema_list.append(p_ema)
+        model_list.append(p.detach())
+    for use_ramp, (ema_list, model_list) in groups.items():
+        if ema_list:
+            d = ema_ramp_decay(decay, step) if use_ramp else decay
+            torch._foreach_lerp_(ema_list, model_list, 1.0 - d)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def ramped_parameters(model: nn.Module, loaded: set[str], rule: str) -> set[str]:
+    """Which parameters the EMA ramps (train.ema_ramp): `fresh`, those not loaded from model.init_from
+    (all of them when training from scratch); `all`; `none` (the official DeeDiff fine-tune)."""
+    names = {name for name, _ in model.named_parameters()}
+    if rule == "all":
+        return names
+    if rule == "none":
+        return set()
+    return names - loaded
+
+
+def parameter_groups(model: nn.Module, t_cfg: dict) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and position embeddings; the method's own
+    modules (model.extras: UEMs, exit predictors) at train.extras_lr_mult times the learning rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        no_decay = name.endswith("pos_embed") or p.ndim < 2
+        groups.setdefault((name.startswith("extras."), no_decay), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else t_cfg["weight_decay"],
+             "lr_mult": t_cfg["extras_lr_mult"] if extras else 1.0}
+            for (extras, no_decay), params in sorted(groups.items())]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -109,12 +146,29 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def weights_config(cfg: dict) -> dict:
+    """The config whose trained checkpoint a run of `cfg` evaluates: `cfg` itself, or, for a method that
+    evaluates another method's weights (`weights_from`: static exits of DeeDiff), that method's run with
+    everything else the same and the method's hyper-parameters from the library (bench.yaml)."""
+    source = build_method(cfg["run"]["method"], cfg["method"]).weights_from
+    if source is None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out["run"]["method"] = source
+    out["method"] = copy.deepcopy(cfg["methods"].get(source, {}))
+    return out
+
+
 def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None) -> Path:
     """Train (or resume) the run that `cfg` describes; returns its final checkpoint.
 
     `stop_at` ends the call after that many steps in all, leaving a resumable checkpoint
     (used to test resumption). A finished run with the same resolved config is reused.
+    A method that evaluates another method's weights trains (or reuses) that method's run.
     """
+    source = weights_config(cfg)
+    if source is not cfg:
+        return train(source, stop_at=stop_at, progress=progress)
     t_cfg, seed = cfg["train"], cfg["run"]["seed"]
     run_dir = checkpoint_dir(cfg)
     final, last = run_dir / "final.pt", run_dir / "last.pt"
@@ -131,16 +185,18 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     model = build_model(cfg, method).to(device)
     ema = build_model(cfg, method).to(device).requires_grad_(False)
     state = load_checkpoint(last) if last.exists() else None
+    loaded: set[str] = set()  # state-dict keys that came from model.init_from
     if state is not None:
         if state["config_hash"] != config_hash(cfg):
             raise RuntimeError(f"{last} belongs to another configuration; delete {run_dir} to start over")
         load_state_into(model, state["model"])
         load_state_into(ema, state["ema"])
         start = state["step"]
+        loaded = set(state.get("loaded_from_init", []))
     else:
         start = 0
         if cfg["model"]["init_from"] and not getattr(method, "from_scratch", False):
-            load_weights_into(model, cfg["model"]["init_from"])
+            loaded = load_weights_into(model, cfg["model"]["init_from"])
         if hasattr(method, "prepare"):  # a change of the model before the first step (pruning), made once
             images, cond = calibration_batch(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]), seed,
                                              device, conditioning)
@@ -148,18 +204,16 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             method.prepare(model, images, schedule, _step_generator(seed, 0, salt=3), **extra)
         load_state_into(ema, model.state_dict())
     # the optimizer is built after any change of structure, so that it holds the final parameters
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("pos_embed") or p.ndim < 2 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t_cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]))
+    optimizer = torch.optim.AdamW(parameter_groups(model, t_cfg), lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]))
+    ramped = ramped_parameters(model, loaded, t_cfg["ema_ramp"])
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
     log_path = run_dir / "loss.csv"
     _truncate_log(log_path, start)
-    end = t_cfg["steps"] if stop_at is None else min(stop_at, t_cfg["steps"])
+    joint = t_cfg["steps"]  # steps of the method's own objective; then the exit modules' calibration
+    total = joint + (t_cfg["exit_calibration_steps"] if _has_extras(model) else 0)
+    end = total if stop_at is None else min(stop_at, total)
     sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end)
     if cfg["data"]["preload"]:
         images, labels = preload(dataset, cfg["data"]["num_workers"], device)
@@ -170,13 +224,15 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     started = time.perf_counter()
     out_of_time = False
     show = t_cfg["progress"] if progress is None else progress
-    bar = _progress(show, start, t_cfg["steps"], f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
+    bar = _progress(show, start, total, f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
     model.train()
     tick, images_since = time.perf_counter(), 0
     deadline = time.perf_counter() + t_cfg["max_seconds"] if t_cfg["max_seconds"] > 0 else float("inf")
     with open(log_path, "a", newline="") as log_file:
         log = csv.writer(log_file)
         for step, (x0, label) in zip(range(start, end), loader):
+            if step >= joint and (step == joint or step == start):  # entering (or resuming) the calibration
+                begin_exit_calibration(model, ema)
             gen = _step_generator(seed, step)
             torch.manual_seed(seed * 1_000_003 + step)  # dropout and anything else on the global RNG
             if cfg["data"]["flip"]:
@@ -190,7 +246,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             cond = None if conditioning is None else conditioning.training(label, gen, device)
 
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(t_cfg, step)
+                group["lr"] = learning_rate(t_cfg, step) * group["lr_mult"]
             with _autocast(device, t_cfg["precision"]):
                 loss, logs = method.loss(model, x_t, model_t, noise, cond)
             if not torch.isfinite(loss):
@@ -202,7 +258,9 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             if t_cfg["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"])
             optimizer.step()
-            update_ema(ema, model, t_cfg["ema_decay"], step)
+            update_ema(ema, model, t_cfg["ema_decay"], step, ramped)
+            if step >= joint:  # calibrated exit modules are used as they are, on the EMA backbone they were fitted to
+                ema.extras.load_state_dict(model.extras.state_dict())
 
             images_since += x0.shape[0]
             done = step + 1
@@ -216,13 +274,13 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             bar.update(1)
             out_of_time = time.perf_counter() > deadline
             if done % t_cfg["ckpt_every"] == 0 or done == end or out_of_time:
-                _save_training_state(last, cfg, model, ema, optimizer, done)
+                _save_training_state(last, cfg, model, ema, optimizer, done, loaded)
             if out_of_time:  # a time budget ends the run here; the checkpoint says how far it got
                 end = done
                 break
     bar.close()
 
-    if end < t_cfg["steps"] and not out_of_time:
+    if end < total and not out_of_time:
         return last
     atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": end,
                  "seconds": round(time.perf_counter() - started, 1), "config": cfg,
@@ -231,9 +289,24 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     return final
 
 
-def _save_training_state(path: Path, cfg: dict, model, ema, optimizer, step: int) -> None:
+def _has_extras(model: nn.Module) -> bool:
+    return any(True for _ in model.extras.parameters())
+
+
+def begin_exit_calibration(model: nn.Module, ema: nn.Module) -> None:
+    """Calibration of the exit modules (train.exit_calibration_steps): the backbone becomes the EMA
+    backbone that evaluation uses, frozen, and only the method's modules (UEMs, exit predictors) train
+    on, with the method's own loss. Why: an exit module learns the errors of the backbone it reads
+    while training; in a fine-tune much shorter than the EMA's horizon the evaluated EMA backbone lags
+    the trained one, so the modules would judge exits the evaluated model does not have."""
+    model.backbone.load_state_dict(ema.backbone.state_dict())
+    model.backbone.requires_grad_(False)
+
+
+def _save_training_state(path: Path, cfg: dict, model, ema, optimizer, step: int, loaded: set[str]) -> None:
     atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "config": cfg, "config_hash": config_hash(cfg)}, path)
+                 "step": step, "config": cfg, "config_hash": config_hash(cfg),
+                 "loaded_from_init": sorted(loaded)}, path)
 
 
 def _truncate_log(path: Path, step: int) -> None:

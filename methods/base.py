@@ -24,6 +24,10 @@ class Method:
     threshold_range: tuple[float, float] | None = None
     default_thresholds: tuple[float, ...] = ()
 
+    # A method that evaluates another method's trained weights names it here (static exits of the
+    # DeeDiff checkpoint, paper Table 5); training then trains (or reuses) that method's checkpoint.
+    weights_from: str | None = None
+
     def backbone_overrides(self, backbone_name: str) -> dict:
         """Constructor overrides this method needs (the small model changes the depth)."""
         return {}

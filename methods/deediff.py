@@ -19,9 +19,13 @@ Hyper-parameters (bench.yaml `methods: deediff:`):
                             u_i -> 1 wherever the error is large, and the minimiser of L_u + L_UAL
                             becomes tanh|e| + e^2/2 per pixel: a biased uncertainty), false for
                             loss_form=official (the official weights are not detached)
-  loss_form      paper      paper: eq. 10, 12, 13 as written. official: the code's sde.py:
-                            L_u averaged over exits; L_UAL = sum over all exits of w_i * mse_i with
-                            w_i = batch-mean confidence of exit i, normalised to sum to 1
+  loss_form      official   official (default): the code's sde.py: L_u averaged over exits;
+                            L_UAL = sum over all exits of w_i * mse_i with w_i = batch-mean
+                            confidence of exit i, normalised to sum to 1, so L_UAL is a weighted
+                            mean and the final output keeps the largest weight (1 + w_N).
+                            paper: eq. 10, 12, 13 as written; L_UAL sums 12 exits, about 10x
+                            L_simple when fine-tuning starts, and the shared head then serves the
+                            shallow exits at the final output's expense (measured: results/mnist_study)
   uem_time       token      token: the UEM reads the hidden state only; time enters through the time
                             token the patch tokens attended to (official code, which produced the
                             published numbers). concat: eq. 8, a sinusoidal time embedding is
@@ -48,7 +52,7 @@ from methods.base import DiffusionModel, Method
 from methods.common import (batch_time, encoder_exits, exit_predictions, exit_widths,
                             hidden_shapes, pixel_map, resolve_hparams)
 
-DEFAULTS = dict(lambda_u=1.0, beta_ual=1.0, layerwise_loss=True, ual_detach=None, loss_form="paper",
+DEFAULTS = dict(lambda_u=1.0, beta_ual=1.0, layerwise_loss=True, ual_detach=None, loss_form="official",
                 uem_time="token", uem_time_dim=None, shared_uem=False, exit_rule="per_sample",
                 patience=1, patience_reset=False)
 CHOICES = dict(loss_form=("paper", "official"), uem_time=("token", "concat"),

@@ -22,6 +22,11 @@ Conventions (the harness's, stated once):
   13, 13, 11, 11, 9, 9, 7, 7, 6, 6 blocks (exactly the paper's static layers 11, 9, 7 in the middle
   buckets) and the 7-exit DDIM U-Nets keep 7, 7, 6, 6, 5, 5, 4, 4, 3, 3. The head always runs.
 
+Whose weights (hparam `weights`): `deediff` evaluates the DeeDiff checkpoint trained with the same
+settings with a forced exit (the paper's Table 5 compares static and dynamic exits of one model);
+`own` trains a static model with the objective below (Moon et al. train for their schedule). null
+(default): `deediff` for the fixed schedule, `own` for the time schedule.
+
 What `threshold` means (the sweep is over it):
 
 - `fixed`: the exit block index (0-based; rounded to an integer, clamped to 0..N-1, so a value
@@ -31,7 +36,7 @@ What `threshold` means (the sweep is over it):
   block in the noisiest buckets). Default sweep (0.5, 1.0, 1.5).
 `threshold=None` runs the full model, as for every method.
 
-Training objective (our choice, documented): DeeDiff's layer-wise objective without uncertainty,
+Training objective with `weights: own` (our choice, documented): DeeDiff's layer-wise objective without uncertainty,
 restricted to the exits this schedule uses,
 
     L = L_simple + mean_{i in E} ||g_i(L_i) - eps||^2                      (fixed)
@@ -71,7 +76,8 @@ BUCKET_WIDTH = 100  # network-time steps per bucket
 PAPER_STATIC_LAYERS = (7, 9, 11)  # Table 5, 1-based layers of U-ViT-S's 13 blocks
 PAPER_DEPTH = 13
 SCHEDULES = ("fixed", "time")
-DEFAULTS = {"schedule": "fixed", "exit_block": None, "train_scale": 1.0}
+DEFAULTS = {"schedule": "fixed", "exit_block": None, "train_scale": 1.0, "weights": None}
+WEIGHTS = (None, "own", "deediff")
 
 
 def round_half_up(x: float) -> int:
@@ -122,8 +128,10 @@ class StaticExit(Method):
 
     def __init__(self, hparams: dict | None = None):
         super().__init__(hparams)
-        hp = resolve_hparams("static", self.hparams, DEFAULTS, {"schedule": SCHEDULES})
+        hp = resolve_hparams("static", self.hparams, DEFAULTS, {"schedule": SCHEDULES, "weights": WEIGHTS})
         self.schedule = hp["schedule"]
+        weights = hp["weights"] or ("deediff" if self.schedule == "fixed" else "own")
+        self.weights_from = None if weights == "own" else weights
         self.train_scale = float(hp["train_scale"])
         blocks = hp["exit_block"]
         self._exit_blocks = None if blocks is None else tuple(int(b) for b in (

@@ -54,7 +54,7 @@ def _unpatchify(tokens, channels, p):
 
 @pytest.mark.parametrize("hparams", [
     {}, {"layerwise_loss": False}, {"uem_time": "concat"}, {"ual_detach": False},
-    {"loss_form": "official"}, {"loss_form": "official", "layerwise_loss": False},
+    {"loss_form": "paper"}, {"loss_form": "paper", "layerwise_loss": False}, {"loss_form": "paper", "ual_detach": False},
     {"lambda_u": 0.5, "beta_ual": 2.0},
 ], ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 def test_deediff_loss_by_hand(hparams):
@@ -81,7 +81,7 @@ def test_deediff_loss_by_hand(hparams):
     n = bb.num_exits
     l_simple = ((g[-1] - eps) ** 2).mean()
     l_u = sum(((u[i] - torch.tanh((g[i] - eps).abs())) ** 2).mean() for i in range(n))   # eq. 10
-    if hparams.get("loss_form") == "official":
+    if hparams.get("loss_form", "official") == "official":  # the default
         l_u = l_u / n
         conf = torch.stack([(1 - ui).mean() for ui in u])
         w = conf / conf.sum()

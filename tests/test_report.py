@@ -399,3 +399,49 @@ def test_report_command_prints_and_writes_tables(fixture_runs, tmp_path, monkeyp
     assert "`max-reduction`" in (reports / "table5-mnist.md").read_text()
     assert sorted(p.name for p in (REPO / "results").iterdir()) == before
     assert not list(fixture_runs["root"].rglob("*.tmp"))
+
+
+# ---- the matched-compute baseline: the full model at fewer sampler steps ------------------------------
+
+
+def test_matched_compute_row_and_figure(tmp_path):
+    """Table 1's 'U-ViT at fewer steps' row is the baseline's full-depth row with the most GMACs per image
+    within DeeDiff's operating point's, and figure 5 draws those rows as a third curve."""
+    from bench.report.select import MATCHED_TO, pick_cell
+    from bench.report.tradeoff import _fewer_steps
+
+    base = {"experiment": "e", "backbone": "uvit_tiny", "dataset": "mnist", "profile": "study", "scale": "cpu-study",
+            "sampler": "dpm_solver", "seed": "0", "n_samples": "1000", "batch_size": "100", "mode": "realised",
+            "train_steps": "1000", "method_options": "{}", "sampler_options": "{}", "fid_n_reference": "10000",
+            "fid_reference": "train:1000/class", "seconds_per_image": "0.1", "timestamp": "2026-12-01T10:00:00"}
+    rows = []
+    for steps, fid in ((25, 10.0), (15, 12.0), (10, 20.0)):
+        rows.append({**base, "method": "baseline", "config_hash": "b", "steps": steps, "threshold": "",
+                     "layer_ratio": 1.0, "gflops": 1.0, "fid": fid, "run_id": f"b-{steps}"})
+    for thr, ratio, gflops, fid in (("", 1.0, 1.02, 10.5), (0.1, 0.55, 0.57, 11.0), (0.2, 0.3, 0.33, 30.0)):
+        rows.append({**base, "method": "deediff", "config_hash": "d", "steps": 25, "threshold": thr,
+                     "layer_ratio": ratio, "gflops": gflops, "fid": fid, "run_id": f"d-{thr}",
+                     "method_options": '{"layerwise_loss":true,"shared_uem":false}'})
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    results = load_results(tmp_path)
+    rule = OperatingPoint.parse(None)
+    target = pick_cell(results, MATCHED_TO, "mnist", rule, ("dpm_solver", 25))
+    assert target.row["thr"] == 0.1  # within 10% of DeeDiff's full-depth FID 10.5
+    spec = next(s for s in SPECS[0].rows if s.point == "matched")
+    pick = pick_cell(results, spec, "mnist", rule, ("dpm_solver", 25))
+    # DeeDiff spends 0.57 x 25 = 14.25 GMACs per image: 15 steps cost 15, 10 steps cost 10
+    assert pick.row["steps"] == 10 and pick.row["fid"] == 20.0 and "14.25" in pick.note
+    table = build_table(SPECS[0], results, rule, datasets=["mnist"])
+    label = dict(table.rows)[spec.label]
+    assert label[1] == "20.00" and any(n.startswith("Matched compute:") for n in table.notes)
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.results = results
+    fewer = _fewer_steps(ctx, ("mnist", "dpm_solver", 25, 1000, 100))
+    assert list(fewer["steps"]) == [10, 15, 25] and list(fewer["gmacs_per_image"]) == [10.0, 15.0, 25.0]
+    report = make_report(tmp_path, tmp_path / "out", figures=["5"], echo=lambda s: None)
+    made = [p for p in (tmp_path / "out").glob("figure5-*.png")]
+    assert made, report.not_made

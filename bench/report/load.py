@@ -20,11 +20,11 @@ RUN_COLUMNS = ("experiment", "method", "backbone", "dataset", "profile", "scale"
                "n_samples", "batch_size", "mode", "device", "train_steps", "config_hash", "checkpoint",
                "method_options", "sampler_options", "threshold", "layer_ratio", "gflops", "gflops_convention",
                "seconds_per_image", "measured_speedup", "grid", "fid", "kid", "fid_n_reference", "fid_reference",
-               "timestamp", "run_id",
+               "timestamp", "run_id", "passes_per_call",
                # latent datasets (bench/data/latents.py latent_description): which data and encoders
                "standin", "autoencoder", "encoders_random_init")
 NUMERIC = ("steps", "seed", "n_samples", "batch_size", "train_steps", "layer_ratio", "gflops", "seconds_per_image",
-           "measured_speedup", "fid", "kid", "fid_n_reference")
+           "measured_speedup", "fid", "kid", "fid_n_reference", "passes_per_call")
 # One measurement run: the rows that one `bench eval` wrote for one trained model (its thresholds).
 RUN_GROUP = ("experiment", "method", "backbone", "dataset", "profile", "config_hash", "sampler", "steps", "seed",
              "n_samples", "batch_size", "mode", "sampler_options", "fid_reference")
@@ -145,6 +145,8 @@ def load_results(root, profile: str | None = None, experiment: str | None = None
         runs[col] = pd.to_numeric(runs[col], errors="coerce")
     runs["thr"] = pd.to_numeric(runs["threshold"], errors="coerce")
     runs["reduction"] = 1.0 - runs["layer_ratio"]
+    # network compute per generated image: GMACs per call x sampler calls x passes per call (2 with guidance)
+    runs["gmacs_per_image"] = runs["gflops"] * runs["steps"] * runs["passes_per_call"].fillna(1.0)
     runs["options"] = runs["method_options"].map(parse_options)
     runs["variant"] = [variant_label(m, o) for m, o in zip(runs["method"], runs["options"])]
     runs["group"] = runs[list(RUN_GROUP)].astype(str).agg("|".join, axis=1)

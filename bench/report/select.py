@@ -40,7 +40,7 @@ class RowSpec:
 
     label: str
     method: str
-    point: str = "full"              # full | dynamic | layer
+    point: str = "full"              # full | dynamic | layer | matched (fewer steps at DeeDiff's compute)
     options: tuple = ()              # ((key, value), ...) that method_options must hold
     sampler: str | None = None       # fixed sampler (else the dataset's protocol is preferred)
     steps: int | None = None         # fixed step count
@@ -211,9 +211,15 @@ def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[st
     return max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
 
 
+# The row a `matched` row is matched to: DeeDiff as the paper trains it, at its operating point.
+MATCHED_TO = RowSpec("DeeDiff", "deediff", "dynamic", options=(("layerwise_loss", True), ("shared_uem", False)))
+
+
 def pick_cell(results: Results, spec: RowSpec, dataset: str, rule: OperatingPoint,
               proto: tuple[str, int] | None) -> Pick:
     """The row for (row spec, dataset), or a Pick whose reason says why there is none."""
+    if spec.point == "matched":
+        return _pick_matched(results, spec, dataset, rule, proto)
     rows = spec.matches(results.runs, dataset)
     if rows.empty:
         return Pick(reason=f"no run yet: {spec.describe(dataset)} (make it with `{spec.command(dataset)}`)")
@@ -226,6 +232,31 @@ def pick_cell(results: Results, spec: RowSpec, dataset: str, rule: OperatingPoin
             return pick
         first = first or pick
     return Pick(reason=f"{first.reason}: {spec.describe(dataset)} (`{spec.command(dataset)}`)")
+
+
+def _pick_matched(results: Results, spec: RowSpec, dataset: str, rule: OperatingPoint, proto) -> Pick:
+    """The matched-compute baseline: the full-depth row of `spec`'s method, at any step count of the same
+    sampler and sample count as DeeDiff's operating point, with the most GMACs per image that do not exceed
+    DeeDiff's (fewer sampler steps save network compute too; the paper does not compare with them)."""
+    target = pick_cell(results, MATCHED_TO, dataset, rule, proto)
+    if target.row is None:
+        return Pick(reason=f"no run yet: DeeDiff's operating point, whose compute this row matches ({target.reason})")
+    budget = target.row["gmacs_per_image"]
+    rows = spec.matches(results.runs, dataset)
+    rows = rows[rows["thr"].isna() & rows["fid"].notna() & (rows["sampler"] == target.row["sampler"])
+                & (rows["n_samples"] == target.row["n_samples"])]
+    command = (f"bench eval --method {spec.method} --dataset {dataset} --sampler {target.row['sampler']} --steps S "
+               f"--samples {int(target.row['n_samples'])} --thresholds full")
+    if budget != budget or rows.empty:
+        return Pick(reason=f"no full-depth {spec.method} run with FID at fewer {target.row['sampler']} steps "
+                           f"(make them with `{command}` for a few S)")
+    within = rows[rows["gmacs_per_image"] <= budget * (1 + 1e-6)]
+    if within.empty:
+        return Pick(reason=f"every stored step count costs more than DeeDiff's {budget:.4g} GMACs per image "
+                           f"(`{command}` with a smaller S)")
+    row = within.sort_values(["gmacs_per_image", "ts"]).iloc[-1]
+    return Pick(row=row, note=f"{int(row['steps'])} steps: {row['gmacs_per_image']:.4g} GMACs per image against "
+                              f"DeeDiff's {budget:.4g}", run=within)
 
 
 def _rank(run: pd.DataFrame, spec: RowSpec, proto) -> tuple:

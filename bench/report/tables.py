@@ -58,6 +58,7 @@ def _main_rows() -> tuple[RowSpec, ...]:
                     paper="static"),
             RowSpec("DeeDiff without exiting", "deediff", options=DEFAULT, paper="deediff_full"),
             RowSpec("DeeDiff", "deediff", "dynamic", options=DEFAULT, paper="deediff"),
+            RowSpec("U-ViT at fewer steps (DeeDiff's GMACs per image)", "baseline", "matched"),
             RowSpec("S-Pruning, 100 steps", "pruning", steps=100, paper="pruning100"),
             RowSpec("DeeDiff, 100 steps", "deediff", "dynamic", options=DEFAULT, steps=100, paper="deediff100"))
 
@@ -153,6 +154,8 @@ def _measured_cells(results: Results, table: TableData, spec: RowSpec, pick: Pic
     run = f"{setting(row)} [{letter}]"
     if pick.note and spec.point == "dynamic":
         run += f" ({_reason(table, FALLBACK)})"
+    if pick.note and spec.point == "matched":
+        run += f" ({_reason(table, 'matched compute: ' + pick.note)})"
 
     def missing(why: str) -> str:
         return f"{DASH} ({_reason(table, why)})"
@@ -225,6 +228,10 @@ def _notes(spec, table, results, rule, datasets, letters, picked, mixed_protocol
                      + "; ".join(mixed_protocol) + ".")
     notes.append("Run choice: where several runs match a cell, the dataset's protocol (the sampler and step count "
                  "that fill the most cells) first, then the most samples, then runs with FID, then the newest.")
+    if any(r.point == "matched" for r in spec.rows):
+        notes.append("Matched compute: the full model sampled with fewer steps of the same sampler, at the step "
+                     "count whose GMACs per generated image (per call x calls) come closest to DeeDiff's operating "
+                     "point without exceeding it; early exit is worth having only where it beats this row.")
     if any(r.point == "dynamic" for r in spec.rows):
         notes.append(f"Operating point of dynamic rows: {rule.describe()}.")
     notes.append("Δlayers: change in blocks run per network call (1 - layer ratio, mean over samples and calls). "

@@ -4,7 +4,10 @@ One PNG per (dataset, sampler, steps, sample count, batch size), since FID moves
 count and seconds per image with the batch: figure{N}-{dataset}-{sampler}{steps}-n{n}-b{batch}.png.
 
 - Figure 5: FID against layer reduction, one curve per method (every stored threshold; full depth
-  at 0%), the full model's FID as a dashed line; second panel: FID against measured seconds per image.
+  at 0%), the full model's FID as a dashed line; second panel: FID against measured seconds per image;
+  third panel: FID against GMACs per generated image, with the full model sampled at fewer steps
+  (every stored step count of the same sampler, samples and batch) as the matched-compute baseline:
+  does exiting early beat simply taking fewer steps at the same cost?
 - Figure 6: histograms of exit blocks (share of sample-calls that stop after each block), at each
   dynamic method's lowest and highest stored threshold (per_call.csv).
 - Figure 7: error accumulation: MSE between each method's trajectory at its operating point and the
@@ -70,15 +73,24 @@ def figure_tradeoff(ctx: FigureContext) -> list[Path]:
                            "in its rows (turn on eval.fid)")
             continue
         base = rows[(rows["method"] == "baseline") & rows["thr"].isna() & rows["fid"].notna()]
+        fewer = _fewer_steps(ctx, key)
         palette = dict(zip([label for label, _ in curves], sns.color_palette("tab10", len(curves))))
         with sns.axes_style("whitegrid"):
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+            fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
             for label, run in curves:
                 run = run.sort_values("reduction")
                 style = dict(color=palette[label], marker="o", ms=4, lw=1.4, label=label)
                 axes[0].plot(run["reduction"] * 100, run["fid"], **style)
                 by_time = run.sort_values("seconds_per_image")
                 axes[1].plot(by_time["seconds_per_image"], by_time["fid"], **style)
+                by_cost = run.sort_values("gmacs_per_image")
+                axes[2].plot(by_cost["gmacs_per_image"], by_cost["fid"], **style)
+            if not fewer.empty:
+                axes[2].plot(fewer["gmacs_per_image"], fewer["fid"], color="0.3", marker="s", ms=4, lw=1.2, ls=":",
+                             label=f"full model at fewer steps ({', '.join(str(int(n)) for n in fewer['steps'])})")
+                for _, row in fewer.iterrows():
+                    axes[2].annotate(f"{int(row['steps'])}", (row["gmacs_per_image"], row["fid"]), fontsize=7,
+                                     xytext=(3, 3), textcoords="offset points", color="0.3")
             if not base.empty:
                 for ax in axes:
                     ax.axhline(base["fid"].iloc[-1], color="0.3", ls="--", lw=1.1,
@@ -92,14 +104,31 @@ def figure_tradeoff(ctx: FigureContext) -> list[Path]:
             axes[0].set_xlabel("layer reduction (% of blocks not run, mean per network call)")
             axes[0].set_ylabel(f"FID ({int(key[3])} samples; lower is better)")
             axes[1].set_xlabel(f"measured seconds per image (batch {int(key[4])})")
+            axes[2].set_xlabel("GMACs per generated image (per call x sampler calls x passes)")
             axes[0].set_title("quality against layers saved", fontsize=10)
             axes[1].set_title("quality against measured time", fontsize=10)
-            axes[1].legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            axes[2].set_title("quality against compute, with fewer sampler steps", fontsize=10)
+            axes[2].legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
             fig.suptitle(f"Figure 5: FID against layer reduction, {dataset_name(key[0])}", fontsize=11)
         extra = "points: every stored threshold, full depth at 0%" + (
+            "; dotted: the full model at fewer sampler steps" if not fewer.empty else
+            "; no full-model rows at other step counts (matched-compute baseline: bench eval --method baseline "
+            "--steps S)") + (
             "" if not base.empty else "; no baseline run with FID here, so no full-model line")
         made.append(save(fig, _path(ctx, "5", key), caption(_info(rows), extra)))
     return _done(ctx, made, reasons)
+
+
+def _fewer_steps(ctx: FigureContext, key: tuple) -> pd.DataFrame:
+    """The full model's full-depth rows with FID at every step count of this figure's sampler, samples and
+    batch (the newest row per step count), cheapest first: the matched-compute baseline."""
+    dataset, sampler, _, n, batch = key
+    runs = ctx.results.runs
+    keep = ((runs["method"] == "baseline") & (runs["dataset"] == dataset) & (runs["sampler"] == sampler)
+            & (runs["n_samples"] == n) & (runs["batch_size"] == batch) & runs["thr"].isna() & runs["fid"].notna()
+            & runs["gmacs_per_image"].notna())
+    rows = runs[keep].sort_values("ts").groupby("steps", as_index=False).tail(1)
+    return rows.sort_values("gmacs_per_image")
 
 
 @FIGURES.register("6", help="histograms of exit blocks at a low and a high threshold")
