@@ -64,7 +64,7 @@ def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", d
             weights = {k: v for k, v in weights.items() if not k.startswith("extras.") or k in own}
         missing_extras = {k: v for k, v in own.items() if k.startswith("extras.") and k not in weights}
         load_state_into(model, {**missing_extras, **weights})
-        return set(weights)
+        return set(weights) - _untrained_exit_heads(state, weights)
     # An official checkpoint has no per-exit heads (DDIM U-Net): those, and only those, may be missing.
     result = model.backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("exit_heads.")]
@@ -72,6 +72,17 @@ def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", d
         raise RuntimeError(f"{spec} does not match {model.backbone.__class__.__name__}: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
     return {f"backbone.{k}" for k in state}
+
+
+def _untrained_exit_heads(state: dict, weights: dict) -> set[str]:
+    """The DDIM U-Net's per-exit heads in a checkpoint whose method never trained them (the baseline's:
+    they are at their random initialisation, so a fine-tune counts them as fresh, not loaded)."""
+    from methods import METHODS
+
+    name = ((state.get("config") or {}).get("run") or {}).get("method")
+    if name in METHODS.names() and METHODS.get(name).trains_exits:
+        return set()
+    return {k for k in weights if k.startswith("backbone.exit_heads.")}
 
 
 def load_state_into(model: nn.Module, weights: dict, strict: bool = True):

@@ -176,6 +176,9 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
 
     profile = cfg["profiles"][r["profile"]]
     per_dataset = (profile.get("per_dataset") or {}).get(r["dataset"], {})
+    for where in (profile, per_dataset):
+        for name in (where.get("per_method") or {}):
+            _check_name("method (in a profile's per_method)", name, cfg["methods"])
     layers = [("profile " + r["profile"], profile),
               ("profile per_method", (profile.get("per_method") or {}).get(r["method"], {})),
               ("profile per_dataset", per_dataset),
@@ -195,8 +198,24 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
         set_key(cfg, key, value)
     for key, value in (sweep or {}).items():
         set_key(cfg, key, value)
+    # what was overridden, in order, so that the run can be resolved again for another method (resolve_for)
+    cfg["run"]["overrides"] = [[k, v] for k, v in [*library, *items, *(sweep or {}).items()]]
     validate(cfg)
     return cfg
+
+
+def resolve_for(cfg: dict, method: str) -> dict:
+    """The resolved `cfg` resolved again for another method: the same bench.yaml, library, run settings,
+    profile layers and overrides, except the first method's own hyper-parameters (`method.*`). Used
+    where one method evaluates another's trained weights (static exits of the DeeDiff checkpoint)."""
+    base = load_config(cfg["run"]["config_file"]) if cfg["run"]["config_file"] else load_defaults()
+    for section in ("datasets", "profiles", "methods"):  # library overrides are already applied here
+        base[section] = copy.deepcopy(cfg[section])
+    run = {k: v for k, v in cfg["run"].items() if k not in ("config_file", "overrides")}
+    run["method"] = method
+    overrides = {k: v for k, v in cfg["run"]["overrides"]
+                 if k.split(".")[0] not in ("method", "datasets", "profiles", "methods")}
+    return resolve(base, run, overrides)
 
 
 def _check_name(kind: str, name: str, table: dict) -> None:
@@ -264,6 +283,14 @@ def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train"
     for section, keys in cosmetic.items():
         if section in relevant:
             relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
+    if "train" in relevant:  # recipe keys at values that change nothing: out, so older hashes still hold
+        train = dict(relevant["train"])
+        for key, neutral in (("extras_lr_mult", 1.0), ("exit_calibration_steps", 0)):
+            if train.get(key) == neutral:
+                train.pop(key)
+        if train.get("ema_ramp") == "all" or (train.get("ema_ramp") == "fresh" and not cfg["model"]["init_from"]):
+            train.pop("ema_ramp")  # from scratch, every parameter is fresh: the ramp applies to all alike
+        relevant["train"] = train
     if "method" in relevant:  # the operating point and the sweep grid do not change the trained model
         relevant["method"] = {k: v for k, v in cfg["method"].items() if k not in ("threshold", "thresholds")}
     relevant["run"] = {key: cfg["run"][key] for key in ("seed", "method", "dataset")}

@@ -6,6 +6,7 @@ machine in the same run (realised) next to the theoretical one (from GFLOPs).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from functools import partial
@@ -21,6 +22,16 @@ from bench.setup import build_model, build_schedule, image_geometry, resolve_dev
 from bench.store import append_row, has_cell, provenance
 from bench.train import train, weights_config
 from methods import build_method
+
+
+def row_hash(cfg: dict) -> str:
+    """The config hash a result row carries: the run's own, or, for a method that evaluates another
+    method's weights (static exits of DeeDiff), a hash of its own and those weights' configs, so that
+    retrained weights make new cells rather than collide with stored ones."""
+    source = weights_config(cfg)
+    if source is cfg:
+        return config_hash(cfg)
+    return hashlib.sha256(f"{config_hash(cfg)}+{config_hash(source)}".encode()).hexdigest()[:12]
 
 
 def scale_label(cfg: dict, device: torch.device) -> str:
@@ -81,10 +92,13 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "sampler": s["sampler"], "steps": s["steps"], "seed": r["seed"], "n_samples": s["n_samples"],
         "batch_size": s["batch_size"], "mode": s["engine_mode"], "device": str(device),
         "train_steps": cfg["train"]["steps"],
+        # steps that trained only the method's modules on the frozen EMA backbone (bench/train.py), if any
+        "exit_calibration_steps": cfg["train"]["exit_calibration_steps"] if any(True for _ in model.extras.parameters())
+        or method.weights_from else 0,
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
-        "data_limit": cfg["data"]["limit"] or "", "config_hash": config_hash(cfg), "checkpoint": str(checkpoint),
+        "data_limit": cfg["data"]["limit"] or "", "config_hash": row_hash(cfg), "checkpoint": str(checkpoint),
         # The method's resolved hyper-parameters, so a reporter can tell ablation variants apart.
-        "method_options": json.dumps({k: v for k, v in sorted(cfg["method"].items())
+        "method_options": json.dumps({k: v for k, v in sorted({**cfg["method"], **method.row_options()}.items())
                                       if k not in ("threshold", "thresholds")}, separators=(",", ":")),
         "sampler_options": json.dumps(s["options"], sort_keys=True, separators=(",", ":")),
         "init_from": cfg["model"]["init_from"] or "",
@@ -172,7 +186,7 @@ def _has_run(path: Path, run_id: str) -> bool:
 def _run_id(cfg: dict, threshold) -> str:
     """Keys the per-call and per-step CSVs to their row in runs.csv."""
     r, s = cfg["run"], cfg["sample"]
-    return (f"{config_hash(cfg)}-{r['experiment']}-{s['sampler']}{s['steps']}-thr{'full' if threshold is None else threshold}"
+    return (f"{row_hash(cfg)}-{r['experiment']}-{s['sampler']}{s['steps']}-thr{'full' if threshold is None else threshold}"
             f"-b{s['batch_size']}-n{s['n_samples']}-{s['engine_mode']}-seed{r['seed']}")
 
 
@@ -288,5 +302,5 @@ def skip_stored(cfg: dict, thresholds: list) -> list:
     key = {"experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
            "dataset": r["dataset"], "profile": r["profile"], "sampler": s["sampler"], "steps": s["steps"],
            "seed": r["seed"], "n_samples": s["n_samples"], "batch_size": s["batch_size"], "mode": s["engine_mode"],
-           "config_hash": config_hash(cfg)}
+           "config_hash": row_hash(cfg)}
     return [t for t in thresholds if not has_cell(path, {**key, "threshold": "" if t is None else t})]

@@ -174,6 +174,8 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     from methods import build_method
 
     plan, to_train = {}, {}
+    trainer: dict[str, str] = {}  # cell label -> the label whose trial trains its checkpoint (static shares DeeDiff's)
+    by_checkpoint: dict[Path, str] = {}
     cells = resolve_cells(config, run, overrides, methods=methods)
     for label, cfg in cells:
         method = build_method(cfg["run"]["method"], cfg["method"])
@@ -185,7 +187,9 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
         echo(f"{label}: {len(grid)} threshold(s), {len(grid) - len(todo)} already stored, {len(todo)} to measure; "
              f"checkpoint {checkpoint}{' (trained first)' if missing else ''}")
         if missing:
-            to_train[label] = _item(cfg)
+            trainer[label] = by_checkpoint.setdefault(checkpoint, label)
+            if trainer[label] == label:  # one trial per checkpoint, however many cells read it
+                to_train[label] = _item(cfg)
         for t in todo:
             plan[f"{label} @ {'full' if t is None else t}"] = _item(cfg, threshold=t, checkpoint=str(checkpoint),
                                                                   force=force, method=label)
@@ -200,7 +204,7 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
         if to_train:
             trained = _run_trials("train", _train_trial, to_train, settings, quiet, echo)
             failures.update({k: v for k, v in trained.items() if isinstance(v, str)})
-            plan = {k: v for k, v in plan.items() if v["method"] not in failures}
+            plan = {k: v for k, v in plan.items() if trainer.get(v["method"], v["method"]) not in failures}
         outcome = _run_trials("thresholds", _threshold_trial, plan, settings, quiet, echo) if plan else {}
     failures.update({k: v for k, v in outcome.items() if isinstance(v, str)})
     done = {k: v for k, v in outcome.items() if not isinstance(v, str)}

@@ -6,7 +6,6 @@ ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch import nn
 
 from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_state_into, load_weights_into
 from bench.conditioning import build_conditioning
-from bench.config import config_hash
+from bench.config import config_hash, resolve_for
 from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
 from methods import build_method
 
@@ -148,15 +147,10 @@ def _autocast(device: torch.device, precision: str):
 
 def weights_config(cfg: dict) -> dict:
     """The config whose trained checkpoint a run of `cfg` evaluates: `cfg` itself, or, for a method that
-    evaluates another method's weights (`weights_from`: static exits of DeeDiff), that method's run with
-    everything else the same and the method's hyper-parameters from the library (bench.yaml)."""
+    evaluates another method's weights (`weights_from`: static exits of DeeDiff), that method's run,
+    resolved with the same profile layers and overrides (bench.config.resolve_for)."""
     source = build_method(cfg["run"]["method"], cfg["method"]).weights_from
-    if source is None:
-        return cfg
-    out = copy.deepcopy(cfg)
-    out["run"]["method"] = source
-    out["method"] = copy.deepcopy(cfg["methods"].get(source, {}))
-    return out
+    return cfg if source is None else resolve_for(cfg, source)
 
 
 def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None) -> Path:
@@ -196,7 +190,8 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     else:
         start = 0
         if cfg["model"]["init_from"] and not getattr(method, "from_scratch", False):
-            loaded = load_weights_into(model, cfg["model"]["init_from"])
+            # another method's modules in the file (a DeeDiff checkpoint as a static model's start) are left out
+            loaded = load_weights_into(model, cfg["model"]["init_from"], drop_extras=True)
         if hasattr(method, "prepare"):  # a change of the model before the first step (pruning), made once
             images, cond = calibration_batch(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]), seed,
                                              device, conditioning)
@@ -301,6 +296,7 @@ def begin_exit_calibration(model: nn.Module, ema: nn.Module) -> None:
     the trained one, so the modules would judge exits the evaluated model does not have."""
     model.backbone.load_state_dict(ema.backbone.state_dict())
     model.backbone.requires_grad_(False)
+    model.backbone.eval()  # as evaluation runs it (the DDIM U-Net's dropout off)
 
 
 def _save_training_state(path: Path, cfg: dict, model, ema, optimizer, step: int, loaded: set[str]) -> None:

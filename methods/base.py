@@ -24,9 +24,18 @@ class Method:
     threshold_range: tuple[float, float] | None = None
     default_thresholds: tuple[float, ...] = ()
 
+    # Whether the objective trains the backbone's exit heads (the DDIM U-Net's per-exit heads): a
+    # checkpoint of a method that does not holds them at their random initialisation.
+    trains_exits = False
+
     # A method that evaluates another method's trained weights names it here (static exits of the
     # DeeDiff checkpoint, paper Table 5); training then trains (or reuses) that method's checkpoint.
     weights_from: str | None = None
+
+    def row_options(self) -> dict:
+        """Resolved hyper-parameters that result rows record in place of the configured ones (a null
+        default that means something, e.g. static's `weights`)."""
+        return {}
 
     def backbone_overrides(self, backbone_name: str) -> dict:
         """Constructor overrides this method needs (the small model changes the depth)."""

@@ -38,6 +38,8 @@ CHOICES = dict(detach_input=(True, False))
 class BERxiT(Method):
     """Exit after block i once the shared LTE predicts an error (tanh of mean |g_i - eps|) below the threshold."""
 
+    trains_exits = True
+
     signal = "predicted error tanh(mean |g_i - eps|), exit when below"
     threshold_range = (0.0, 1.0)
     default_thresholds = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)

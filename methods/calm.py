@@ -38,6 +38,8 @@ PREVIOUS = "calm_previous"  # ctx key: (B, F) flattened representation of the pr
 class CALM(Method):
     """Exit after block i once cos(rep_{i-1}, rep_i) exceeds the threshold."""
 
+    trains_exits = True
+
     signal = "cosine similarity of consecutive exits, exit when above"
     threshold_range = (0.0, 1.0)
     default_thresholds = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)

@@ -65,6 +65,8 @@ CROSSINGS = "deediff_crossings"  # ctx key: (B,) count of threshold crossings in
 class DeeDiff(Method):
     """Exit after block i once the mean of a sample's uncertainty map u_i is below the threshold."""
 
+    trains_exits = True
+
     signal = "uncertainty (mean of the UEM map), exit when below"
     threshold_range = (0.0, 1.0)
     default_thresholds = (0.2, 0.15, 0.1, 0.075, 0.05, 0.03, 0.02, 0.01)  # the paper's sweep

@@ -122,6 +122,8 @@ def paper_static_exits(num_blocks: int) -> tuple[int, ...]:
 class StaticExit(Method):
     """Exit where a schedule says, the same for every sample (fixed) or per time bucket (time)."""
 
+    trains_exits = True
+
     signal = "exit_block"
     threshold_range = (0.0, 12.0)        # exit blocks of a 13-block U-ViT; set from the backbone in attach
     default_thresholds = (6.0, 8.0, 10.0)  # the paper's layers 7, 9, 11 (Table 5)
@@ -141,6 +143,9 @@ class StaticExit(Method):
             self.threshold_range = (0.0, 1.75)
             self.default_thresholds = (0.5, 1.0, 1.5)
         self.num_blocks: int | None = None
+
+    def row_options(self) -> dict:
+        return {"weights": self.weights_from or "own"}
 
     def attach(self, backbone: nn.Module) -> nn.ModuleDict:
         """Nothing to add; remembers the depth and sets the sweep for this backbone."""

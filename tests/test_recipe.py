@@ -205,3 +205,47 @@ def test_exit_calibration_fits_the_modules_to_the_ema_backbone_and_resumes(pretr
         assert torch.equal(resumed["ema"][key], straight["ema"][key]), key
     # a method without modules of its own has nothing to calibrate
     assert load_checkpoint(train(make_cfg(tmp_path / "c", "baseline", **over)))["step"] == 2
+
+
+def test_profiles_take_per_method_layers():
+    """The study profile trains `small` from scratch with the baseline's budget; the others fine-tune alike."""
+    def resolved(method):
+        return resolve(load_config(), run={"profile": "study", "dataset": "mnist", "method": method})
+
+    small, deediff, baseline = resolved("small"), resolved("deediff"), resolved("baseline")
+    assert small["model"]["init_from"] is None and small["train"]["steps"] * small["train"]["batch_size"] >= 2_660_000
+    assert deediff["train"] == baseline["train"] and deediff["model"] == baseline["model"]
+    assert deediff["model"]["init_from"] == "builtin:uvit_tiny_mnist.pt"
+    # --set still wins over a per_method layer
+    over = resolve(load_config(), run={"profile": "study", "dataset": "mnist", "method": "small"},
+                   overrides=["train.steps=5"])
+    assert over["train"]["steps"] == 5
+
+
+def test_static_rows_name_the_deediff_weights_they_measure(tmp_path):
+    """Static's rows carry a hash of its own config and the DeeDiff weights': other DeeDiff settings give
+    other cells (not 'already stored'), and resolve_for keeps the profile layers and overrides."""
+    from bench.run import row_hash
+
+    a = make_cfg(tmp_path, "static", **{"sample.n_samples": 3})
+    b = make_cfg(tmp_path, "static", **{"sample.n_samples": 3, "methods.deediff.lambda_u": 0.5})
+    assert row_hash(a) != row_hash(b)
+    source = weights_config(a)
+    assert source["sample"]["n_samples"] == 3 and source["model"]["kwargs"] == NARROW["model.kwargs"]
+    assert source["method"] == make_cfg(tmp_path, "deediff")["method"]
+
+
+def test_ddim_exit_heads_of_a_baseline_checkpoint_count_as_fresh(tmp_path):
+    """The baseline never trains the DDIM U-Net's per-exit heads: a fine-tune ramps their EMA like new modules."""
+    over = {"model.kwargs": {"attn_resolutions": []}, "model.backbone": "ddim_tiny", "model.schedule": "linear",
+            "train.steps": 1}
+    base = train(make_cfg(tmp_path / "base", "baseline", **over))
+    cfg = make_cfg(tmp_path / "ft", "deediff", **over, **{"model.init_from": str(base)})
+    model = build_model(cfg, build_method("deediff", cfg["method"]))
+    from bench.checkpoint import load_weights_into
+
+    loaded = load_weights_into(model, base, drop_extras=True)
+    heads = {k for k in model.state_dict() if k.startswith("backbone.exit_heads.")}
+    assert heads and not heads & loaded and any(k.startswith("backbone.down") or k.startswith("backbone.conv_in")
+                                                for k in loaded)
+    assert heads <= ramped_parameters(model, loaded, "fresh")

@@ -27,7 +27,9 @@ from bench.report.load import ReportError, Results, fmt_threshold
 
 # The methods' defaults for the options a table tells variants apart by (bench.yaml `methods:`); a row
 # whose method_options lack a key (older CSVs) is taken to use the default.
-OPTION_DEFAULTS = {"deediff": {"layerwise_loss": True, "shared_uem": False}, "static": {"schedule": "fixed"}}
+# Static rows from before `weights` existed trained their own model.
+OPTION_DEFAULTS = {"deediff": {"layerwise_loss": True, "shared_uem": False},
+                   "static": {"schedule": "fixed", "weights": "own"}}
 PAPER_DEPTH = 13  # U-ViT-S's blocks; the paper's static layers 7/9/11 are of these
 PAPER_SAMPLER = {"cifar10": "euler_maruyama", "celeba": "euler_maruyama", "imagenet256": "dpm_solver",
                  "mscoco": "dpm_solver++"}
@@ -211,7 +213,10 @@ def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[st
     return max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
 
 
-# The row a `matched` row is matched to: DeeDiff as the paper trains it, at its operating point.
+# The row a `matched` row is matched to: DeeDiff as the paper trains it, at its operating point; and
+# what the matched baseline row must share with it besides the dataset.
+SAME_AS_MATCHED = ("backbone", "profile", "experiment", "seed", "sampler", "sampler_options", "n_samples", "mode",
+                   "fid_reference")
 MATCHED_TO = RowSpec("DeeDiff", "deediff", "dynamic", options=(("layerwise_loss", True), ("shared_uem", False)))
 
 
@@ -242,12 +247,15 @@ def _pick_matched(results: Results, spec: RowSpec, dataset: str, rule: Operating
     if target.row is None:
         return Pick(reason=f"no run yet: DeeDiff's operating point, whose compute this row matches ({target.reason})")
     budget = target.row["gmacs_per_image"]
+    if budget != budget:
+        return Pick(reason="DeeDiff's operating point has no GMACs (fvcore was not installed when it was measured)")
     rows = spec.matches(results.runs, dataset)
-    rows = rows[rows["thr"].isna() & rows["fid"].notna() & (rows["sampler"] == target.row["sampler"])
-                & (rows["n_samples"] == target.row["n_samples"])]
+    rows = rows[rows["thr"].isna() & rows["fid"].notna()]
+    for column in SAME_AS_MATCHED:  # comparable FIDs and costs: the same model family, protocol and reference
+        rows = rows[rows[column].astype(str) == str(target.row[column])]
     command = (f"bench eval --method {spec.method} --dataset {dataset} --sampler {target.row['sampler']} --steps S "
                f"--samples {int(target.row['n_samples'])} --thresholds full")
-    if budget != budget or rows.empty:
+    if rows.empty:
         return Pick(reason=f"no full-depth {spec.method} run with FID at fewer {target.row['sampler']} steps "
                            f"(make them with `{command}` for a few S)")
     within = rows[rows["gmacs_per_image"] <= budget * (1 + 1e-6)]

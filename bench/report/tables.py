@@ -23,6 +23,7 @@ PAPER_METRICS = ("paper FID", "paper Δlayers", "paper GFLOPs")
 DASH = "—"
 DEFAULT = (("layerwise_loss", True), ("shared_uem", False))  # DeeDiff as the paper trains it
 EM, DPM = "euler_maruyama", "dpm_solver"
+STATIC_OF_DEEDIFF = (("schedule", "fixed"), ("weights", "deediff"))  # Table 5: forced exits of the DeeDiff model
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ SPECS = [
         RowSpec("DeeDiff", "deediff", "dynamic", options=DEFAULT, paper="deediff")),
         ("Δlayers of the small model counts its blocks against the full backbone's (7 of 13: -46%).",)),
     TableSpec("5", "Static exits at layers 11, 9 and 7 against dynamic exit", ("cifar10", "celeba"), (
-        RowSpec("Static exit, layer 11", "static", "layer", options=(("schedule", "fixed"),), layer=11),
-        RowSpec("Static exit, layer 9", "static", "layer", options=(("schedule", "fixed"),), layer=9),
-        RowSpec("Static exit, layer 7", "static", "layer", options=(("schedule", "fixed"),), layer=7),
+        RowSpec("Static exit, layer 11", "static", "layer", options=STATIC_OF_DEEDIFF, layer=11),
+        RowSpec("Static exit, layer 9", "static", "layer", options=STATIC_OF_DEEDIFF, layer=9),
+        RowSpec("Static exit, layer 7", "static", "layer", options=STATIC_OF_DEEDIFF, layer=7),
         RowSpec("DeeDiff (dynamic)", "deediff", "dynamic", options=DEFAULT, paper="deediff")),
         ("The paper's layer L of U-ViT-S's 13 blocks is exit round(N L / 13) - 1 of an N-block model "
          "(0-based; 13 blocks: exits 10, 8, 6).",)),

@@ -127,7 +127,16 @@ def _fewer_steps(ctx: FigureContext, key: tuple) -> pd.DataFrame:
     keep = ((runs["method"] == "baseline") & (runs["dataset"] == dataset) & (runs["sampler"] == sampler)
             & (runs["n_samples"] == n) & (runs["batch_size"] == batch) & runs["thr"].isna() & runs["fid"].notna()
             & runs["gmacs_per_image"].notna())
-    rows = runs[keep].sort_values("ts").groupby("steps", as_index=False).tail(1)
+    rows = runs[keep]
+    if rows.empty:
+        return rows
+    # one model and protocol: those of the newest of these rows (FIDs against other references, other
+    # backbones or sampler options are not comparable)
+    newest = rows.sort_values("ts").iloc[-1]
+    for column in ("backbone", "profile", "experiment", "seed", "sampler_options", "mode", "fid_reference",
+                   "config_hash"):
+        rows = rows[rows[column].astype(str) == str(newest[column])]
+    rows = rows.sort_values("ts").groupby("steps", as_index=False).tail(1)
     return rows.sort_values("gmacs_per_image")
 
 
