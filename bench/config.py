@@ -189,10 +189,13 @@ def resolve(cfg: dict, run: dict | None = None, overrides: list[str] | dict | No
                 continue
             if section not in WORKING_SECTIONS:
                 raise ConfigError(f"{layer_name}: unknown section {section!r}; allowed: {', '.join(WORKING_SECTIONS)}")
-            cfg[section] = deep_merge(cfg[section], values, section)
+            # a profile's `method` part sets the method's hyper-parameters (checked by the plugin) over the library's
+            cfg[section] = deep_merge(cfg[section], values, section, strict=section != "method")
 
     cfg["data"] = deep_merge(cfg["data"], cfg["datasets"][r["dataset"]], "data")
-    cfg["method"] = deep_merge(cfg["method"], cfg["methods"][r["method"]], "method", strict=False)
+    profile_method = cfg["method"]
+    cfg["method"] = deep_merge(deep_merge(cfg["method"], cfg["methods"][r["method"]], "method", strict=False),
+                               profile_method, "method", strict=False)
 
     for key, value in items:
         set_key(cfg, key, value)
