@@ -79,5 +79,8 @@ def test_bench_run_every_method_on_the_tiny_profile(name, tmp_path):
     assert result.exit_code == 0, result.output
     with open(tmp_path / "res" / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 1 and rows[0]["method"] == name
-    assert 0 < float(rows[0]["layer_ratio"]) <= 1
+    # a method with a default threshold (the tiny profile's DeeDiff) also stores its full-depth reference row
+    default = resolve(load_config(), run={"profile": "tiny", "dataset": "mnist", "method": name})["method"].get("threshold")
+    assert [r["threshold"] for r in rows] == ([""] if default is None else ["", str(default)])
+    assert all(r["method"] == name for r in rows)
+    assert all(0 < float(r["layer_ratio"]) <= 1 for r in rows)
