@@ -25,7 +25,7 @@ Hyper-parameters (bench.yaml `methods: deediff:`):
                             mean and the final output keeps the largest weight (1 + w_N).
                             paper: eq. 10, 12, 13 as written; L_UAL sums 12 exits, about 10x
                             L_simple when fine-tuning starts, and the shared head then serves the
-                            shallow exits at the final output's expense (measured: results/mnist_study)
+                            shallow exits at the final output's expense (measured: results/mnist_study/pilots/README.md)
   uem_time       token      token: the UEM reads the hidden state only; time enters through the time
                             token the patch tokens attended to (official code, which produced the
                             published numbers). concat: eq. 8, a sinusoidal time embedding is
