@@ -20,7 +20,7 @@ from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
 from bench.store import append_row, has_cell, provenance
-from bench.train import train, weights_config
+from bench.train import has_extras, train, weights_config
 from methods import build_method
 
 
@@ -93,8 +93,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "batch_size": s["batch_size"], "mode": s["engine_mode"], "device": str(device),
         "train_steps": cfg["train"]["steps"],
         # steps that trained only the method's modules on the frozen EMA backbone (bench/train.py), if any
-        "exit_calibration_steps": cfg["train"]["exit_calibration_steps"] if any(True for _ in model.extras.parameters())
-        or method.weights_from else 0,
+        "exit_calibration_steps": cfg["train"]["exit_calibration_steps"] if has_extras(model) or method.weights_from
+        else 0,
         "dataset_checksum": dataset_checksum(r["dataset"], cfg["data"]["path"], cfg["data"]["split"]),
         "data_limit": cfg["data"]["limit"] or "", "config_hash": row_hash(cfg), "checkpoint": str(checkpoint),
         # The method's resolved hyper-parameters, so a reporter can tell ablation variants apart.

@@ -207,7 +207,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     log_path = run_dir / "loss.csv"
     _truncate_log(log_path, start)
     joint = t_cfg["steps"]  # steps of the method's own objective; then the exit modules' calibration
-    total = joint + (t_cfg["exit_calibration_steps"] if _has_extras(model) else 0)
+    total = joint + (t_cfg["exit_calibration_steps"] if has_extras(model) else 0)
     end = total if stop_at is None else min(stop_at, total)
     sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end)
     if cfg["data"]["preload"]:
@@ -284,7 +284,8 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     return final
 
 
-def _has_extras(model: nn.Module) -> bool:
+def has_extras(model: nn.Module) -> bool:
+    """Whether a method attached modules with parameters (UEMs, exit predictors) to the backbone."""
     return any(True for _ in model.extras.parameters())
 
 
