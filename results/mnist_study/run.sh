@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 MNIST_ZIP=${MNIST_ZIP:-../shared/data/mnist-png.zip}
 STUDY_RUNS=${STUDY_RUNS:-$HOME/.cache/eebench/mnist_study/runs}
-OUT=results/mnist_study
+OUT=${STUDY_OUT:-results/mnist_study}  # STUDY_OUT: store the cells elsewhere (a checkout kept apart while the code changes)
 common=(--profile study --dataset mnist --dataset-path "$MNIST_ZIP" --set run.results="$OUT"
         --set run.runs_dir="$STUDY_RUNS" --set run.experiment=mnist_study)
 parts=("${@:-train eval more}")
@@ -48,6 +48,8 @@ train_eval() {
 if [[ $parts == *" more "* ]]; then
   # 6. the other methods under the same budget, and DeeDiff's ablations (Table 3) and loss forms
   train_eval full,0.05,0.1,0.15,0.2,0.3,0.4 --method bertxit
+  # what the layer-wise loss costs the full-depth output: DeeDiff with beta of eq. 13 at 0.3 instead of 1
+  train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.beta_ual=0.3
   train_eval full,0.999,0.995,0.99,0.98,0.95,0.9 --method calm
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.layerwise_loss=false
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.shared_uem=true
