@@ -9,6 +9,7 @@ from torch import nn
 
 from bench.atomic import atomic_write
 from bench.config import config_hash
+from bench.errors import CheckpointError
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -39,23 +40,34 @@ def resolve_checkpoint_path(spec: str) -> Path:
 def load_checkpoint(spec: str | Path) -> dict:
     """Load a checkpoint without running any code from it (weights_only=True)."""
     path = resolve_checkpoint_path(str(spec))
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file inside it (final.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle that wants code, or a damaged file
-        raise RuntimeError(f"cannot load {path} as a weights-only checkpoint: {err}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle that wants code, or a damaged, truncated or empty file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(f"cannot load {path} as a weights-only checkpoint ({first}); it is damaged, not a "
+                              f"PyTorch checkpoint, or holds objects that would run code. Re-create it (bench "
+                              f"train / bench export) or give another file") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict of weights)")
+    return state
 
 
-def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", drop_extras: bool = False) -> set[str]:
+def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", drop_extras: bool = False,
+                      fresh_extras: bool = True, state: dict | None = None) -> set[str]:
     """Load weights into a DiffusionModel from one of ours or an official backbone state dict.
 
     Ours hold {"ema": ..., "model": ...} with keys "backbone.*" and "extras.*"; an official
     U-ViT or DDIM checkpoint is a bare backbone state dict and must match it exactly.
     drop_extras: leave out the file's method modules that the model does not have (a method that
     evaluates another's weights: static exits of a DeeDiff checkpoint).
+    fresh_extras: a method module the file lacks keeps its fresh initialisation (a fine-tune from a
+    baseline adds new modules); False makes that an error (a trained checkpoint being evaluated).
     Returns the model's state-dict keys that came from the file (the rest keep their fresh
     initialisation: a method's new modules, the DDIM U-Net's exit heads).
     """
-    state = load_checkpoint(spec)
+    state = load_checkpoint(spec) if state is None else state  # `state`: the file's contents, already loaded
     if prefer in state or "model" in state:
         weights = state.get(prefer, state.get("model"))
         weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
@@ -63,15 +75,53 @@ def load_weights_into(model: nn.Module, spec: str | Path, prefer: str = "ema", d
         if drop_extras:
             weights = {k: v for k, v in weights.items() if not k.startswith("extras.") or k in own}
         missing_extras = {k: v for k, v in own.items() if k.startswith("extras.") and k not in weights}
-        load_state_into(model, {**missing_extras, **weights})
+        if missing_extras and not fresh_extras:
+            raise CheckpointError(f"{spec} has no weights for this method's modules ({', '.join(sorted(missing_extras)[:3])}"
+                                  f"{', ...' if len(missing_extras) > 3 else ''}): it was trained by "
+                                  f"{_trained_by(state)}; evaluate it with that method, or train this one")
+        try:
+            load_state_into(model, {**missing_extras, **weights})
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors: another backbone or method
+            raise CheckpointError(f"{spec} does not fit this model ({_first_lines(err)}); it was trained by "
+                                  f"{_trained_by(state)}") from None
         return set(weights) - _untrained_exit_heads(state, weights)
     # An official checkpoint has no per-exit heads (DDIM U-Net): those, and only those, may be missing.
-    result = model.backbone.load_state_dict(state, strict=False)
+    try:
+        result = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of another shape: another size of backbone
+        raise CheckpointError(f"{spec} does not fit {model.backbone.__class__.__name__} ({_first_lines(err)})") from None
     missing = [k for k in result.missing_keys if not k.startswith("exit_heads.")]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{spec} does not match {model.backbone.__class__.__name__}: missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(f"{spec} does not match {model.backbone.__class__.__name__}: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
     return {f"backbone.{k}" for k in state}
+
+
+def _trained_by(state: dict) -> str:
+    """'method deediff, backbone uvit_tiny, dataset mnist, profile study (config 1a2b...)' from a checkpoint."""
+    cfg = state.get("config") or {}
+    r, m = cfg.get("run") or {}, cfg.get("model") or {}
+    if not r:
+        return "an unknown configuration (the file stores none)"
+    return (f"method {r.get('method')}, backbone {m.get('backbone')}, dataset {r.get('dataset')}, profile "
+            f"{r.get('profile')} (config {state.get('config_hash', '?')})")
+
+
+def check_identity(state: dict, cfg: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose stored config hash is not the run's: a file copied into another run's
+    folder would otherwise be evaluated, and its rows labelled, as that run."""
+    stored, expected = state.get("config_hash"), config_hash(cfg)
+    if stored != expected:
+        r = cfg["run"]
+        raise CheckpointError(
+            f"{path} belongs to another configuration: it was trained by {_trained_by(state)}, but this run is "
+            f"method {r['method']}, backbone {cfg['model']['backbone']}, dataset {r['dataset']}, profile "
+            f"{r['profile']} (config {expected}). Move the file away, or run the command with its configuration")
+
+
+def _first_lines(err: Exception, n: int = 2) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return "; ".join(lines[:n])[:400]
 
 
 def _untrained_exit_heads(state: dict, weights: dict) -> set[str]:

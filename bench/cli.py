@@ -1,9 +1,13 @@
 """The `bench` command line: a thin typer layer over plain functions (heavy imports inside commands)."""
 from __future__ import annotations
 
+import errno
+import functools
 import sys
+import traceback
 from typing import Optional
 
+import click
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, invoke_without_command=True,
@@ -47,16 +51,48 @@ def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler,
     return resolve(load_config(config), run=run, overrides=overrides)
 
 
-def _user_errors():
-    from bench.config import ConfigError
-    from bench.registry import UnknownNameError
-
-    return (ConfigError, UnknownNameError, FileNotFoundError)
-
-
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str, code: int = 2) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def user_facing(command):
+    """The error boundary of every command: a mistake the user can fix (bench.errors.UserError, a
+    missing or unreadable file, a full disk) exits 2 with its message and no traceback; failed sweep
+    trials exit 1; Ctrl-C exits 130; anything else is a bug, shown with its traceback."""
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        from bench.errors import UserError
+        from bench.sweep import SweepError
+
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except UserError as err:
+            _fail(err)
+        except SweepError as err:
+            _fail(err, code=1)
+        except ConnectionError as err:  # a Ray cluster that cannot be reached (the message says where)
+            _fail(err)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+            _fail(err)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _fail(f"no space left on the device{f' writing {err.filename}' if err.filename else ''} ({err.strerror}); "
+                  f"free some space or point --results / run.runs_dir elsewhere. Files are written atomically, "
+                  f"so nothing half-written was left; run the same command again to go on")
+        except KeyboardInterrupt:
+            typer.secho("\ninterrupted; run the same command again to resume (finished cells and checkpoints "
+                        "are kept)", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(code=130)
+        except Exception:
+            traceback.print_exc()
+            typer.secho("this is a bug in bench, not a problem with your input: please report it with the command "
+                        "line and the traceback above", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1)
+    return guarded
 
 
 @app.callback()
@@ -69,6 +105,7 @@ def main(ctx: typer.Context) -> None:
 
 
 @app.command("run")
+@user_facing
 def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
                 dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
                 backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
@@ -77,14 +114,11 @@ def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE
                 force: bool = typer.Option(False, "--force", help="re-measure a cell that is already stored"),
                 quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
     """Train (or reuse) a model, sample, save an image grid and a results row."""
-    try:
-        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                        sets, results, device)
-        from bench.run import run
+    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                    sets, results, device)
+    from bench.run import run
 
-        row = run(cfg, progress=not quiet, force=force)
-    except _user_errors() as err:
-        _fail(err)
+    row = run(cfg, progress=not quiet, force=force)
     verb = "stored" if row.pop("stored") else "already stored (use --force to replace)"
     typer.echo(f"\nresults row ({verb} in {cfg['run']['results']}/runs.csv):")
     for key, value in row.items():
@@ -92,6 +126,7 @@ def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE
 
 
 @app.command("eval")
+@user_facing
 def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
                  dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
                  backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
@@ -102,26 +137,21 @@ def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFIL
                  force: bool = typer.Option(False, "--force", help="re-measure cells that are already stored"),
                  quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
     """Evaluate a trained checkpoint at one or more thresholds (full depth measured first, same run)."""
-    try:
-        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                        sets, results, device)
-        from bench.run import default_threshold, evaluate, finished_checkpoint, skip_stored
-        from methods import build_method
+    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                    sets, results, device)
+    from bench.run import default_threshold, evaluate, finished_checkpoint, skip_stored
+    from bench.thresholds import check_thresholds, parse_thresholds
+    from methods import build_method
 
-        checkpoint = finished_checkpoint(cfg)
-        if thresholds is None:
-            wanted = [default_threshold(cfg, build_method(cfg["run"]["method"], cfg["method"]))]
-        else:
-            wanted = [None if t.strip() == "full" else float(t) for t in thresholds.split(",")]
-        todo = wanted if force else skip_stored(cfg, wanted)
-        if not todo:
-            typer.echo("every requested cell is already stored (use --force to re-measure)")
-            return
-        rows = evaluate(cfg, checkpoint, todo, progress=not quiet, force=force)
-    except _user_errors() as err:
-        _fail(err)
-    except ValueError as err:
-        _fail(ValueError(f"--thresholds must be numbers or 'full': {err}"))
+    method_plugin = build_method(cfg["run"]["method"], cfg["method"])
+    wanted = [default_threshold(cfg, method_plugin)] if thresholds is None else parse_thresholds(thresholds)
+    check_thresholds(cfg, method_plugin, wanted)
+    checkpoint = finished_checkpoint(cfg)
+    todo = wanted if force else skip_stored(cfg, wanted)
+    if not todo:
+        typer.echo("every requested cell is already stored (use --force to re-measure)")
+        return
+    rows = evaluate(cfg, checkpoint, todo, progress=not quiet, force=force)
     typer.echo(f"{'threshold':>10s} {'layers':>7s} {'GMACs':>8s} {'s/img':>9s} {'speedup':>8s} {'theory':>7s}")
     for row in rows:
         typer.echo(f"{str(row['threshold'] or 'full'):>10s} {row['layer_ratio']:7.3f} {row['gflops']:>8} "
@@ -129,38 +159,35 @@ def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFIL
 
 
 @app.command("train")
+@user_facing
 def train_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
                   dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
                   backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
                   device: Optional[str] = DEVICE,
                   quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
     """Train (or resume) the configured model; prints the checkpoint path."""
-    try:
-        cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets,
-                        None, device)
-        from bench.train import train
+    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets,
+                    None, device)
+    from bench.train import train
 
-        path = train(cfg, progress=not quiet)
-    except _user_errors() as err:
-        _fail(err)
+    path = train(cfg, progress=not quiet)
     typer.echo(str(path))
 
 
 @app.command("export")
+@user_facing
 def export_command(checkpoint: str = typer.Argument(..., help="a training checkpoint (final.pt)"),
                    out: str = typer.Argument(..., help="file to write"),
                    full_precision: bool = typer.Option(False, "--fp32", help="keep float32 weights")) -> None:
     """Write a small inference checkpoint (EMA weights, config) for sharing or as model.init_from."""
     from bench.checkpoint import export_weights
 
-    try:
-        path = export_weights(checkpoint, out, half=not full_precision)
-    except _user_errors() as err:
-        _fail(err)
+    path = export_weights(checkpoint, out, half=not full_precision)
     typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("speed")
+@user_facing
 def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help="comma-separated sizes"),
                   batch_sizes: str = typer.Option("1,64", "--batch-sizes", help="comma-separated"),
                   img_size: int = typer.Option(28, "--img-size"), channels: int = typer.Option(1, "--channels"),
@@ -171,17 +198,13 @@ def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help
     from pathlib import Path
 
     from bench.config import parse_override
-    from bench.registry import UnknownNameError
     from bench.speed import measure_throughput
     from bench.store import append_row, provenance
 
     kwargs = dict(parse_override(item) for item in sets or [])
     for name in backbones.split(","):
         for batch in (int(b) for b in batch_sizes.split(",")):
-            try:
-                row = measure_throughput(name, batch, img_size, channels, device or "auto", repeats, kwargs)
-            except UnknownNameError as err:
-                _fail(err)
+            row = measure_throughput(name, batch, img_size, channels, device or "auto", repeats, kwargs)
             row = {"experiment": "speed", **row, **provenance()}
             append_row(Path(results or "results") / "speed.csv", row, force=True,
                        key=("backbone", "kwargs", "img_size", "batch_size", "device", "threads"))
@@ -190,6 +213,7 @@ def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help
 
 
 @app.command("fid")
+@user_facing
 def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference dataset name"),
                 dataset_path: Optional[str] = DATASET_PATH,
                 images: Optional[str] = typer.Option(None, "--images", help="a folder of generated images"),
@@ -211,16 +235,13 @@ def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference da
     from bench.setup import resolve_device
     from bench.store import append_row, provenance
 
-    try:
-        dev = resolve_device(device or "auto")
-        tick = time.perf_counter()
-        ref = reference_statistics(dataset, dataset_path, reference_split, resolution, limit=reference_limit,
-                                   per_class=reference_per_class, device=dev, progress=True)
-        ref_seconds = time.perf_counter() - tick
-        scored = images or reference_dataset(dataset, dataset_path, split, resolution, limit=limit, per_class=per_class)
-        result = fid_kid(scored, ref, device=dev, progress=True)
-    except _user_errors() as err:
-        _fail(err)
+    dev = resolve_device(device or "auto")
+    tick = time.perf_counter()
+    ref = reference_statistics(dataset, dataset_path, reference_split, resolution, limit=reference_limit,
+                               per_class=reference_per_class, device=dev, progress=True)
+    ref_seconds = time.perf_counter() - tick
+    scored = images or reference_dataset(dataset, dataset_path, split, resolution, limit=limit, per_class=per_class)
+    result = fid_kid(scored, ref, device=dev, progress=True)
     what = images or f"{dataset}:{split}:" + (f"per_class={per_class}" if per_class else f"limit={limit}")
     row = {"experiment": "fid", "scored": what, **result, "reference_seconds": round(ref_seconds, 1),
            "total_seconds": round(time.perf_counter() - tick, 1), "device": str(dev), **provenance()}
@@ -230,6 +251,7 @@ def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference da
 
 
 @app.command("ls")
+@user_facing
 def ls_command(what: str = typer.Argument("all", help="methods | backbones | datasets | samplers | profiles")) -> None:
     """List what is registered, one line each."""
     from backbones import BACKBONES
@@ -242,7 +264,7 @@ def ls_command(what: str = typer.Argument("all", help="methods | backbones | dat
     tables = {"methods": METHODS.describe(), "backbones": BACKBONES.describe(), "datasets": DATASETS.describe(),
               "samplers": SAMPLERS.describe(), "profiles": profiles}
     if what != "all" and what not in tables:
-        _fail(ValueError(f"unknown list {what!r}; valid: {', '.join(tables)}"))
+        _fail(f"unknown list {what!r}; valid: {', '.join(tables)}")
     for name, table in tables.items():
         if what in ("all", name):
             typer.echo(f"{name}:")
@@ -251,6 +273,7 @@ def ls_command(what: str = typer.Argument("all", help="methods | backbones | dat
 
 
 @app.command("report")
+@user_facing
 def report_command(
         table: Optional[list[str]] = typer.Option(None, "--table", help="table number(s): 1-7, repeatable or 1,3"),
         figure: Optional[list[str]] = typer.Option(None, "--figure", help="figure number(s): 1,3,4,5,6,7"),
@@ -266,16 +289,11 @@ def report_command(
         profile: Optional[str] = typer.Option(None, "--profile", help="only rows of this profile"),
         experiment: Optional[str] = typer.Option(None, "--experiment", help="only rows of this experiment")) -> None:
     """Tables (Markdown, LaTeX) and figures (PNG) of the paper from the results CSVs; lists what it could not make."""
-    from bench.registry import UnknownNameError
     from bench.report import make_report
-    from bench.report.load import ReportError
 
-    try:
-        make_report(results or "results", out, table, figure, everything, paper, operating_point,
-                    [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None, profile, experiment,
-                    echo=typer.echo)
-    except (ReportError, UnknownNameError, FileNotFoundError) as err:
-        _fail(err)
+    make_report(results or "results", out, table, figure, everything, paper, operating_point,
+                [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None, profile, experiment,
+                echo=typer.echo)
 
 
 # ---- sweeps on Ray Tune (bench/sweep.py) -----------------------------------------------------
@@ -288,16 +306,8 @@ ADDRESS = typer.Option(None, "--address", help="join this Ray cluster (default: 
 METHODS = typer.Option(None, "--methods", help="comma-separated methods (default: --method)")
 
 
-def _sweep_errors():
-    return (*_user_errors(), ConnectionError)
-
-
-def _sweep_failed(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
-
 @sweep_app.command("thresholds")
+@user_facing
 def sweep_thresholds_command(
         config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
         dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
@@ -316,21 +326,17 @@ def sweep_thresholds_command(
 
     Cells already in <results>/runs.csv are skipped: run it again to do only what is missing.
     """
-    from bench.sweep import SweepError, parse_list, parse_thresholds, sweep_thresholds
+    from bench.sweep import parse_list, parse_thresholds, sweep_thresholds
 
-    try:
-        run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                                 sets, results, device)
-        sweep_thresholds(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
-                         thresholds=parse_thresholds(thresholds) if thresholds is not None else None,
-                         address=address, force=force, quiet=quiet, echo=typer.echo)
-    except _sweep_errors() as err:
-        _fail(err)
-    except SweepError as err:
-        _sweep_failed(err)
+    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
+                             sets, results, device)
+    sweep_thresholds(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+                     thresholds=parse_thresholds(thresholds) if thresholds is not None else None,
+                     address=address, force=force, quiet=quiet, echo=typer.echo)
 
 
 @sweep_app.command("train")
+@user_facing
 def sweep_train_command(
         config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
         dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
@@ -345,23 +351,19 @@ def sweep_train_command(
 
     Configurations that already have a final checkpoint are skipped.
     """
-    from bench.sweep import SweepError, parse_grid, parse_list, parse_seeds, sweep_train
+    from bench.sweep import parse_grid, parse_list, parse_seeds, sweep_train
 
-    try:
-        run, overrides = _layers(profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets, None,
-                                 device)
-        sweep_train(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
-                    datasets=parse_list(datasets, "--datasets") if datasets else None,
-                    seeds=parse_seeds(seeds) if seeds else None, grid=parse_grid(grid), address=address,
-                    quiet=quiet, echo=typer.echo)
-    except _sweep_errors() as err:
-        _fail(err)
-    except SweepError as err:
-        _sweep_failed(err)
+    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets, None,
+                             device)
+    sweep_train(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+                datasets=parse_list(datasets, "--datasets") if datasets else None,
+                seeds=parse_seeds(seeds) if seeds else None, grid=parse_grid(grid), address=address,
+                quiet=quiet, echo=typer.echo)
 
 
 
 @app.command("prepare")
+@user_facing
 def prepare_command(dataset: str = typer.Argument(..., help="imagenet256 | mscoco"),
                     out: str = typer.Option(..., "--out", help="layout folder to write"),
                     source: Optional[str] = typer.Option(None, "--source",
@@ -388,13 +390,10 @@ def prepare_command(dataset: str = typer.Argument(..., help="imagenet256 | mscoc
     """Encode ImageNet-256 or MS-COCO once into latents (and caption features), or make the stand-in."""
     from bench.latent.command import prepare_command as prepare
 
-    try:
-        path = prepare(dataset, out, source, standin=standin, autoencoder=autoencoder, text_encoder=text_encoder,
-                       scale=scale, flip=flip, per_class=per_class, limit=limit, val_limit=val_limit,
-                       max_captions=max_captions, reference_count=reference_count, n=n, dtype=dtype,
-                       batch_size=batch_size, num_workers=num_workers, device=device or "auto", overwrite=overwrite)
-    except (ValueError, FileNotFoundError) as err:  # SpecError and LayoutError are ValueErrors
-        _fail(err)
+    path = prepare(dataset, out, source, standin=standin, autoencoder=autoencoder, text_encoder=text_encoder,
+                   scale=scale, flip=flip, per_class=per_class, limit=limit, val_limit=val_limit,
+                   max_captions=max_captions, reference_count=reference_count, n=n, dtype=dtype,
+                   batch_size=batch_size, num_workers=num_workers, device=device or "auto", overwrite=overwrite)
     typer.echo(str(path))
 
 if __name__ == "__main__":

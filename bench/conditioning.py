@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bench.config import ConfigError
+
 
 @dataclass
 class Conditioning:
@@ -68,8 +70,8 @@ def build_conditioning(cfg: dict) -> Conditioning | None:
 
     null = torch.as_tensor(unconditional(d["name"], d["path"]))
     if d["condition"] == "class" and null.dim() != 0:
-        raise ValueError(f"data.condition is class but dataset {d['name']!r} gives a text null input")
+        raise ConfigError(f"data.condition is class but dataset {d['name']!r} gives a text null input")
     if d["condition"] == "text" and null.dim() != 2:
-        raise ValueError(f"data.condition is text but dataset {d['name']!r} gives no (tokens, dim) empty context")
+        raise ConfigError(f"data.condition is text but dataset {d['name']!r} gives no (tokens, dim) empty context")
     return Conditioning(d["condition"], null.float() if d["condition"] == "text" else null.long(), d["p_uncond"],
                         d["name"], d["path"])

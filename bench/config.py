@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -23,11 +24,13 @@ from typing import Any
 
 import yaml
 
+from bench.errors import UserError
+
 WORKING_SECTIONS = ("data", "model", "train", "sample", "eval", "method")
 EMA_RAMPS = ("fresh", "all", "none")  # train.ema_ramp (bench/train.py, ramped_parameters)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
@@ -129,7 +132,7 @@ def _coerce(key: str, old: Any, value: Any) -> Any:
         return list(value)
     elif isinstance(old, dict) and isinstance(value, dict):
         return value
-    raise ConfigError(f"config key {key!r} expects a {type(old).__name__} (like {old!r}), got {value!r}")
+    raise ConfigError(f"config key {key!r} expects {_a(type(old))} (like {old!r}), got {value!r}")
 
 
 def load_config(path: Path | str | None = None) -> dict:
@@ -216,8 +219,8 @@ def resolve_for(cfg: dict, method: str) -> dict:
         base[section] = copy.deepcopy(cfg[section])
     run = {k: v for k, v in cfg["run"].items() if k not in ("config_file", "overrides")}
     run["method"] = method
-    overrides = {k: v for k, v in cfg["run"]["overrides"]
-                 if k.split(".")[0] not in ("method", "datasets", "profiles", "methods")}
+    overrides = {k: v for k, v in cfg["run"]["overrides"]  # the threshold is the first method's operating point
+                 if k.split(".")[0] not in ("method", "datasets", "profiles", "methods") and k != "sample.threshold"}
     return resolve(base, run, overrides)
 
 
@@ -230,26 +233,144 @@ def _check_name(kind: str, name: str, table: dict) -> None:
         raise ConfigError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(sorted(table))}")
 
 
+# ---- the schema: bench/defaults.yaml defines every key and its type; these tables add what a
+# default value cannot say. A test checks that every key named here exists in the defaults.
+
+# The type of each key whose default is null (every other key takes the type of its default).
+NULLABLE_TYPES = {
+    "run.config_file": str, "data.name": str, "data.path": str, "data.resolution": int, "data.limit": int,
+    "model.init_from": str, "sample.threshold": float, "sample.guidance_scale": float,
+    "eval.reference_per_class": int, "eval.reference_limit": int, "sweep.gpus_per_trial": float,
+    "sweep.storage": str,
+}
+# Closed sets of values.
+CHOICES = {
+    "train.precision": ("auto", "bf16", "fp32"), "train.ema_ramp": EMA_RAMPS,
+    "sample.engine_mode": ("realised", "simulate"), "data.condition": ("none", "class", "text"),
+    "model.schedule": ("vp", "linear", "scaled_linear"),
+}
+# Lower bounds: (bound, inclusive). Floats are also checked to be finite.
+MINIMUM = {
+    "train.steps": (0, True), "train.max_seconds": (0, True), "train.batch_size": (1, True), "train.lr": (0, False),
+    "train.weight_decay": (0, True), "train.warmup_steps": (0, True), "train.ema_decay": (0, True),
+    "train.extras_lr_mult": (0, False), "train.exit_calibration_steps": (0, True), "train.grad_clip": (0, True),
+    "train.log_every": (1, True), "train.ckpt_every": (1, True), "sample.steps": (1, True),
+    "sample.n_samples": (1, True), "sample.batch_size": (1, True), "sample.guidance_scale": (0, True),
+    "data.resolution": (1, True), "data.limit": (1, True), "data.num_workers": (0, True), "data.p_uncond": (0, True),
+    "eval.fid_batch_size": (1, True), "eval.loss_buckets": (0, True), "eval.loss_images": (1, True),
+    "eval.reference_per_class": (1, True), "eval.reference_limit": (2, True), "sweep.cpus_per_trial": (0, False),
+    "sweep.gpus_per_trial": (0, True),
+}
+# Upper bounds: (bound, inclusive).
+MAXIMUM = {
+    "train.ema_decay": (1, False), "data.p_uncond": (1, False),
+    # 50,000 is the paper's FID sample count; far more is a typo that would run for days
+    "sample.n_samples": (1_000_000, True),
+}
+SCHEMA_SECTIONS = ("run", *WORKING_SECTIONS[:-1], "sweep")  # `method` is the plugin's to check
+
+
+def check_types(cfg: dict, defaults: dict | None = None) -> None:
+    """Every key of the resolved config has its declared type (ints read as floats where a float is
+    expected), lies in its range and its set of choices; raises ConfigError naming the key."""
+    defaults = load_defaults() if defaults is None else defaults
+    for section in SCHEMA_SECTIONS:
+        for key, default in defaults[section].items():
+            name, value = f"{section}.{key}", cfg[section].get(key)
+            cfg[section][key] = _typed(name, default, value)
+    for name, choices in CHOICES.items():
+        section, key = name.split(".")
+        if cfg[section][key] not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {cfg[section][key]!r}")
+    for table, below in ((MINIMUM, True), (MAXIMUM, False)):
+        for name, (bound, inclusive) in table.items():
+            section, key = name.split(".")
+            value = cfg[section][key]
+            if value is None:
+                continue
+            ok = (value >= bound if inclusive else value > bound) if below else \
+                (value <= bound if inclusive else value < bound)
+            if not ok:
+                relation = (">=" if inclusive else ">") if below else ("<=" if inclusive else "<")
+                raise ConfigError(f"{name} must be {relation} {bound:,}, got {value!r}")
+
+
+def _typed(name: str, default: Any, value: Any) -> Any:
+    """`value` checked against the type of `default` (or NULLABLE_TYPES), and converted where lossless."""
+    expected = NULLABLE_TYPES.get(name, type(default)) if default is None or name in NULLABLE_TYPES else type(default)
+    if value is None:
+        if default is None or name in NULLABLE_TYPES:
+            return None
+        raise ConfigError(f"config key {name!r} cannot be null; it expects {_a(expected)} (like {default!r})")
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+        return float(value)
+    if expected is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if expected is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, expected) and not (expected is not bool and isinstance(value, bool)):
+        return value
+    like = f" (like {default!r})" if default is not None else ""
+    raise ConfigError(f"config key {name!r} expects {_a(expected)}{like}, got {value!r}")
+
+
+def _a(kind: type) -> str:
+    """'an int', 'a float': the type named in a message."""
+    return ("an " if kind.__name__[0] in "aeiou" else "a ") + kind.__name__
+
+
+def check_keywords(where: str, fn, values: dict, reserved: tuple[str, ...] = ()) -> None:
+    """`values` are keywords that `fn` accepts, with the types its annotations declare (sample.options
+    against the sampler's signature); raises ConfigError naming the key and the valid ones."""
+    import inspect
+    import typing
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keyword: value, got {values!r}")
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if n not in reserved and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that cannot be evaluated here: check the names only
+        hints = {}
+    for key, value in values.items():
+        if key not in params:
+            raise ConfigError(f"{where}.{key} is not an option of {getattr(fn, '__name__', fn)}; valid: "
+                              f"{', '.join(params)}")
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"{where}.{key} expects {_hint_text(hints[key])}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # containers, callables, tensors: not checked here
+
+
+def _hint_text(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 def validate(cfg: dict) -> None:
-    """Checks that need more than a type: ranges and names of registered things."""
-    t, s = cfg["train"], cfg["sample"]
-    for key, low in (("steps", 0), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1),
-                     ("exit_calibration_steps", 0)):
-        if t[key] < low:
-            raise ConfigError(f"train.{key} must be >= {low}, got {t[key]}")
-    if not 0.0 <= t["ema_decay"] < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
-    if t["lr"] <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t['lr']}")
-    if t["extras_lr_mult"] <= 0:
-        raise ConfigError(f"train.extras_lr_mult must be > 0, got {t['extras_lr_mult']}")
-    if t["ema_ramp"] not in EMA_RAMPS:
-        raise ConfigError(f"train.ema_ramp must be one of {', '.join(EMA_RAMPS)}; got {t['ema_ramp']!r}")
-    if len(t["betas"]) != 2:
-        raise ConfigError(f"train.betas must be two numbers, got {t['betas']}")
-    for key in ("n_samples", "batch_size", "steps"):
-        if s[key] < 1:
-            raise ConfigError(f"sample.{key} must be >= 1, got {s[key]}")
+    """Types and ranges (check_types), then what needs more than a type: names of registered things."""
+    check_types(cfg)
+    t, s, d = cfg["train"], cfg["sample"], cfg["data"]
+    if len(t["betas"]) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t["betas"]):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t['betas']}")
     from backbones import BACKBONES
     from bench.diffusion import SAMPLERS
 
@@ -257,25 +378,27 @@ def validate(cfg: dict) -> None:
                                  ("sample.sampler", s["sampler"], SAMPLERS)):
         if name not in registry:
             raise ConfigError(f"{kind}: {registry.unknown_message(name)}")
+    # what the engine and the run pass to every sampler themselves
+    check_keywords("sample.options", SAMPLERS.get(s["sampler"]), s["options"],
+                   reserved=("eps_fn", "schedule", "noise", "shape", "steps", "progress", "callback", "device",
+                             "dtype", "x_init"))
+    if not isinstance(cfg["model"]["kwargs"], dict):
+        raise ConfigError(f"model.kwargs must be a mapping of constructor keyword: value, got {cfg['model']['kwargs']!r}")
     from methods import build_method
 
     try:  # the plugin checks its own hyper-parameters
-        build_method(cfg["run"]["method"], cfg["method"])
+        method = build_method(cfg["run"]["method"], cfg["method"])
     except ValueError as err:
         raise ConfigError(f"methods.{cfg['run']['method']} (bench.yaml or --set method.KEY=...): {err}") from None
-    d = cfg["data"]
-    if d["condition"] not in ("none", "class", "text"):
-        raise ConfigError(f"data.condition must be none, class or text; got {d['condition']!r}")
-    if not 0.0 <= d["p_uncond"] < 1.0:
-        raise ConfigError(f"data.p_uncond must be in [0, 1), got {d['p_uncond']}")
+    from bench.thresholds import check_thresholds
+
+    check_thresholds(cfg, method, [s["threshold"], getattr(method, "threshold", None)])
     if s["guidance_scale"] and d["condition"] == "none":
         raise ConfigError("sample.guidance_scale is set but the dataset is unconditional (data.condition: none)")
     from bench.engine.executor import GUIDANCE_EXITS
 
     if s["guidance_exit"] not in GUIDANCE_EXITS:
         raise ConfigError(f"sample.guidance_exit must be one of {', '.join(GUIDANCE_EXITS)}; got {s['guidance_exit']!r}")
-    if cfg["model"]["schedule"] not in ("vp", "linear", "scaled_linear"):
-        raise ConfigError(f"model.schedule must be one of vp, linear, scaled_linear; got {cfg['model']['schedule']!r}")
 
 
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:

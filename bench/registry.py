@@ -8,10 +8,12 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, TypeVar
 
+from bench.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name that is not registered; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.conditioning import build_conditioning
-from bench.checkpoint import checkpoint_dir, load_weights_into
+from bench.checkpoint import check_identity, checkpoint_dir, load_checkpoint, load_weights_into
 from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
@@ -72,10 +72,14 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
              force: bool = False, extra: dict | None = None) -> list[dict]:
     """Sample at each threshold (None = full depth, measured first as the reference); one row each."""
     r, s = cfg["run"], cfg["sample"]
+    check_results(Path(r["results"]))  # a damaged results file stops the run before anything is measured
     device = resolve_device(r["device"])
     method = build_method(r["method"], cfg["method"])
     model = build_model(cfg, method)
-    load_weights_into(model, checkpoint, prefer="ema", drop_extras=method.weights_from is not None)
+    state = load_checkpoint(checkpoint)
+    check_identity(state, weights_config(cfg), checkpoint)  # a file copied in from another run is refused
+    load_weights_into(model, checkpoint, prefer="ema", drop_extras=method.weights_from is not None,
+                      fresh_extras=False, state=state)
     model.to(device).eval()
     schedule = build_schedule(cfg)
     resolution, channels, _ = image_geometry(cfg)
@@ -147,8 +151,10 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
             **(extra or {}), **provenance(),
         }
         row["run_id"] = _run_id(cfg, threshold)
-        row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
+        # the per-call and trajectory rows first, the runs.csv row last: a cell is stored (and skipped by a
+        # rerun) only once all its files are; a kill in between leaves it to be measured again, whole
         _store_per_step(cfg, model, m, full, row["run_id"])
+        row["stored"] = append_row(Path(r["results"]) / "runs.csv", row, force=force)
         rows.append(row)
     return rows
 
@@ -293,6 +299,16 @@ def _fvcore_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def check_results(results: Path) -> None:
+    """Read every results file a cell writes, so that a damaged one raises ResultsError now."""
+    from bench.store import CELL_KEY, read_rows
+
+    read_rows(results / "runs.csv", CELL_KEY)
+    for name, key in (("per_call.csv", ("run_id", "call")), ("trajectory.csv", ("run_id", "step")),
+                      ("layer_mse.csv", ("run_id", "call")), ("loss_per_timestep.csv", ("run_id", "bucket"))):
+        read_rows(results / name, key)
 
 
 def skip_stored(cfg: dict, thresholds: list) -> list:

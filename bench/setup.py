@@ -4,15 +4,28 @@ from __future__ import annotations
 import torch
 
 from backbones import build_backbone
+from bench.config import ConfigError
+from bench.errors import DeviceError
 from methods.base import DiffusionModel, Method
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N (| mps ...): a device that exists here, else a DeviceError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but torch sees no GPU; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device / run.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} was asked for but torch sees no GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name!r} is not available here; use auto, cpu or cuda")
+    return device
 
 
 def build_train_dataset(cfg: dict):
@@ -48,5 +61,11 @@ def build_model(cfg: dict, method: Method) -> DiffusionModel:
     kwargs = {**(conditioning.backbone_kwargs() if conditioning else {}),
               **method.backbone_overrides(cfg["model"]["backbone"]), **cfg["model"]["kwargs"]}
     kwargs.setdefault("num_classes", classes)
-    backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels, **kwargs)
+    try:
+        backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels, **kwargs)
+    except (TypeError, ValueError) as err:
+        if not cfg["model"]["kwargs"]:
+            raise
+        raise ConfigError(f"model.kwargs {cfg['model']['kwargs']}: {cfg['model']['backbone']} cannot be built with "
+                          f"them ({err})") from None
     return DiffusionModel(backbone, method.attach(backbone))

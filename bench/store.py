@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.atomic import atomic_write
+from bench.errors import ResultsError
 
 # The key of a cell: a row with the same values in these columns is the same measurement.
 CELL_KEY = ("experiment", "method", "backbone", "dataset", "profile", "sampler", "steps", "threshold", "seed",
@@ -32,12 +33,37 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The rows of a results CSV, checked: a header of distinct names (including `required` when the
+    file has rows), and every row as many fields as the header. A damaged file raises ResultsError
+    naming the file and line, and is left as it was."""
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader]
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise ResultsError(f"{path} is damaged ({err}); repair or move it away, then run again") from None
+    if header is None:
+        return []
+    if len(set(header)) != len(header) or any(not name.strip() for name in header):
+        raise ResultsError(f"{path}: its header has empty or repeated column names; repair or move it away")
+    missing = [name for name in required if name not in header]
+    if missing and rows:
+        raise ResultsError(f"{path} lacks the column(s) {', '.join(missing)} that identify a result; repair it or "
+                           f"move it away")
+    out = []
+    for line, row in rows:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ResultsError(f"{path}, line {line}: {len(row)} fields where the header has {len(header)} "
+                               f"(a damaged or hand-edited row); repair or delete that line, then run again")
+        out.append(dict(zip(header, row)))
+    return out
 
 
 def _cell(row: dict, key: tuple[str, ...] = CELL_KEY) -> tuple[str, ...]:
@@ -46,7 +72,7 @@ def _cell(row: dict, key: tuple[str, ...] = CELL_KEY) -> tuple[str, ...]:
 
 def has_cell(path: Path, row: dict) -> bool:
     """Whether a row for the same cell (CELL_KEY) is already stored."""
-    return any(_cell(r) == _cell(row) for r in read_rows(path))
+    return any(_cell(r) == _cell(row) for r in read_rows(path, CELL_KEY))
 
 
 def append_row(path: Path, row: dict, force: bool = False, key: tuple[str, ...] = CELL_KEY) -> bool:
@@ -61,7 +87,7 @@ def append_rows(path: Path, new_rows: list[dict], force: bool = False, key: tupl
     """Add several rows in one locked, atomic rewrite; returns how many were added (see append_row)."""
     path = Path(path)
     with _locked(path):
-        rows = read_rows(path)
+        rows = read_rows(path, key)
         stored = {_cell(r, key) for r in rows}
         if force:
             replaced = {_cell(r, key) for r in new_rows}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import ConfigError, load_config, parse_override, resolve
+from bench.thresholds import check_thresholds, parse_thresholds  # noqa: F401  (the command line's grammar)
 
 Echo = Callable[[str], Any]
 
@@ -56,21 +57,6 @@ def parse_list(text: str, flag: str) -> list[str]:
     if not items:
         raise ConfigError(f"{flag} is empty; give a comma-separated list")
     return items
-
-
-def parse_thresholds(text: str) -> list[float | None]:
-    """'full,0.1,0.05' -> [None, 0.1, 0.05] ('full' is full depth: nothing exits)."""
-    out: list[float | None] = []
-    for item in parse_list(text, "--thresholds"):
-        if item.lower() in ("full", "none", "null"):
-            out.append(None)
-            continue
-        try:
-            out.append(float(item))
-        except ValueError:
-            raise ConfigError(f"--thresholds: {item!r} is not a number or 'full' "
-                              f"(for example --thresholds full,0.1,0.05)") from None
-    return out
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -135,18 +121,6 @@ def method_thresholds(method) -> list[float | None]:
     """The method's grid: methods.<name>.thresholds of bench.yaml (build_method puts it in
     default_thresholds), else the plugin's own; a method without exits gets full depth only."""
     return list(getattr(method, "default_thresholds", ()) or ()) or [None]
-
-
-def check_thresholds(cfg: dict, method, thresholds: list) -> None:
-    low_high = getattr(method, "threshold_range", None)
-    for t in thresholds:
-        if t is None:
-            continue
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise ConfigError(f"threshold {t!r} of {cfg['run']['method']} is not a number (or null for full depth)")
-        if low_high is not None and not low_high[0] <= t <= low_high[1]:
-            raise ConfigError(f"threshold {t} is outside the range of {cfg['run']['method']}'s exit signal "
-                              f"[{low_high[0]}, {low_high[1]}] ({getattr(method, 'signal', '')})")
 
 
 def _item(cfg: dict, **extra) -> dict:
@@ -452,6 +426,8 @@ def _run_trials(kind: str, trainable, plan: dict[str, dict], settings: dict, qui
     outcome: dict[str, dict | str] = {}
     for i in range(len(grid)):
         result = grid[i]
+        if not result.config:  # a trial stopped (Ctrl-C) before it began: it reports no config
+            continue
         label = result.config["cell"]
         if result.error is not None:
             text = str(result.error).strip().splitlines()
@@ -459,5 +435,5 @@ def _run_trials(kind: str, trainable, plan: dict[str, dict], settings: dict, qui
         else:
             outcome[label] = dict(result.metrics or {})
     for label in plan:  # a trial Tune never ran (interrupted)
-        outcome.setdefault(label, "did not run")
+        outcome.setdefault(label, "did not run (interrupted?); run the same command again to do what is missing")
     return outcome

@@ -7,20 +7,25 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench.checkpoint import atomic_save, checkpoint_dir, load_checkpoint, load_state_into, load_weights_into
+from bench.checkpoint import (atomic_save, check_identity, checkpoint_dir, load_checkpoint, load_state_into,
+                              load_weights_into)
 from bench.conditioning import build_conditioning
 from bench.config import config_hash, resolve_for
+from bench.errors import DataError, RunBusyError, UserError
 from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
 from methods import build_method
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
 
 
@@ -33,7 +38,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, n_items: int, batch_size: int, seed: int, start: int, end: int):
         if n_items < batch_size:
-            raise ValueError(f"the dataset has {n_items} images, fewer than train.batch_size={batch_size}")
+            raise DataError(f"the dataset has {n_items} images, fewer than train.batch_size={batch_size}; "
+                            f"lower train.batch_size or use more images")
         self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
         self.start, self.end = start, end
         self.per_epoch = n_items // batch_size  # drop the last partial batch
@@ -163,12 +169,42 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     source = weights_config(cfg)
     if source is not cfg:
         return train(source, stop_at=stop_at, progress=progress)
-    t_cfg, seed = cfg["train"], cfg["run"]["seed"]
     run_dir = checkpoint_dir(cfg)
-    final, last = run_dir / "final.pt", run_dir / "last.pt"
-    if final.exists():
-        return final
+    if (run_dir / "final.pt").exists():
+        return run_dir / "final.pt"
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run_dir):
+        if (run_dir / "final.pt").exists():  # finished by the process we waited for
+            return run_dir / "final.pt"
+        return _train(cfg, run_dir, stop_at, progress)
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """One trainer per run folder: a second `bench train` of the same configuration stops with a clear
+    error instead of training alongside (the lock is released when the process ends, however it ends)."""
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunBusyError(f"{run_dir} is being trained by {holder}; wait for it to finish (its checkpoint is "
+                               f"then reused) or stop it first") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None) -> Path:
+    """The training loop of `train`, run while holding the run folder's lock."""
+    t_cfg, seed = cfg["train"], cfg["run"]["seed"]
+    final, last = run_dir / "final.pt", run_dir / "last.pt"
     device = resolve_device(cfg["run"]["device"])
 
     dataset = build_train_dataset(cfg)
@@ -181,8 +217,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     state = load_checkpoint(last) if last.exists() else None
     loaded: set[str] = set()  # state-dict keys that came from model.init_from
     if state is not None:
-        if state["config_hash"] != config_hash(cfg):
-            raise RuntimeError(f"{last} belongs to another configuration; delete {run_dir} to start over")
+        check_identity(state, cfg, last)
         load_state_into(model, state["model"])
         load_state_into(ema, state["ema"])
         start = state["step"]
@@ -245,9 +280,11 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
             with _autocast(device, t_cfg["precision"]):
                 loss, logs = method.loss(model, x_t, model_t, noise, cond)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step} (lr {learning_rate(t_cfg, step):.2e}); lower train.lr, "
-                    f"raise train.warmup_steps or set train.grad_clip (last good checkpoint: {last})")
+                saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                raise TrainingDiverged(  # steps counted from 1, as in loss.csv
+                    f"loss is {loss.item()} at step {step + 1} (lr {learning_rate(t_cfg, step):.2e}); lower train.lr, "
+                    f"raise train.warmup_steps or set train.grad_clip ({saved}; delete {run_dir} to start over "
+                    f"with other settings, which make a new run folder anyway)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t_cfg["grad_clip"] > 0:

@@ -73,7 +73,7 @@ def test_threshold_sweep_on_local_ray_stores_one_row_per_threshold_once(tmp_path
     (["thresholds", "--dataset", "mnst"], "Did you mean 'mnist'"),
     (["thresholds", "--thresholds", "0.1,abc"], "'abc' is not a number or 'full'"),
     (["thresholds", "--methods", "deediff", "--thresholds", "1.5"], "outside the range"),
-    (["thresholds", "--set", "sweep.cpus_per_trial=0"], "sweep.cpus_per_trial must be a number > 0"),
+    (["thresholds", "--set", "sweep.cpus_per_trial=0"], "sweep.cpus_per_trial must be > 0"),
     (["thresholds", "--method", "baseline", "--address", "127.0.0.1:1"], "could not reach the Ray cluster"),
     (["train", "--methods", "deedif"], "Did you mean 'deediff'"),
     (["train", "--datasets", "mnist,cifar1"], "Did you mean 'cifar10'"),

@@ -143,7 +143,7 @@ def test_nan_loss_raises(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)
     text = str(err.value)
-    assert "nan" in text and "step 2" in text and "train.lr" in text
+    assert "nan" in text and "step 3" in text and "train.lr" in text  # the third step, counted from 1 as in loss.csv
     assert isinstance(err.value, FloatingPointError)
     assert not list(tmp_path.rglob("final.pt"))
 

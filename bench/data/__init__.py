@@ -14,6 +14,7 @@ import os
 
 from torch.utils.data import Dataset
 
+from bench.errors import DataError
 from . import datasets as _registered  # noqa: F401  (registers mnist, cifar10, celeba, imagefolder)
 from . import latents as _latents  # noqa: F401  (registers imagenet256, mscoco)
 from .core import (DATASETS, ArrayDataset, DatasetInfo, DatasetSpec, ImageDataset, celeba_crop_box,
@@ -52,7 +53,7 @@ def build_dataset(name: str, path: str | os.PathLike | None = None, split: str =
     ds = spec.build(path=path, split=split, resolution=resolution, flip=flip, **kwargs)
     if limit is not None:
         if limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
+            raise DataError(f"limit must be >= 0, not {limit}")
         ds = ds.subset(range(min(limit, len(ds))))
     return ds
 

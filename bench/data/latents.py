@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.errors import DataError
 from bench.latent.layout import LayoutError, interrupted_hint, layout_checksum, open_array, read_meta
 
 from .core import DATASETS, ImageDataset, _Base, register_dataset, with_info
@@ -165,12 +166,12 @@ def _check_args(name: str, split: str, resolution, flip: bool) -> None:
     if split != "train":
         extra = (" (the validation captions are sampling conditions, `sampling_conditions`, and the "
                  "validation images the FID reference, `reference_images`)") if name == "mscoco" else ""
-        raise ValueError(f"dataset {name!r} has latents for split 'train' only, not {split!r}{extra}")
+        raise DataError(f"dataset {name!r} has latents for split 'train' only, not {split!r}{extra}")
     if resolution not in (None, LATENT_SIDE):
-        raise ValueError(f"dataset {name!r} holds {LATENT_SIDE}x{LATENT_SIDE} latents (of {IMAGE_SIDE}px "
+        raise DataError(f"dataset {name!r} holds {LATENT_SIDE}x{LATENT_SIDE} latents (of {IMAGE_SIDE}px "
                          f"images); data.resolution must be null or {LATENT_SIDE}, not {resolution}")
     if flip:
-        raise ValueError(f"dataset {name!r}: latents are not flipped on the fly (a mirrored image's latent "
+        raise DataError(f"dataset {name!r}: latents are not flipped on the fly (a mirrored image's latent "
                          "is not the mirrored latent); imagenet256 layouts hold encoded mirrors already "
                          "(`bench prepare imagenet256`, flip on by default). Set data.flip: false")
 
@@ -274,7 +275,7 @@ def reference_images(name: str, path=None, split: str | None = None) -> ImageDat
     ref = json.loads((root / "reference.json").read_text())
     aliases = {"val": ("val", "valid", "validation", "test"), "train": ("train",)}[ref["split"]]
     if split is not None and split not in aliases:
-        raise ValueError(f"dataset {name!r}: the layout's FID reference images come from split "
+        raise DataError(f"dataset {name!r}: the layout's FID reference images come from split "
                          f"{ref['split']!r}, not {split!r} (set eval.reference_split: {ref['split']})")
     names = [f"{i:06d}.png" for i in range(int(ref["count"]))]
     labels = ref["labels"] if ref.get("labels") is not None else [-1] * len(names)

@@ -13,6 +13,8 @@ import stat
 import zipfile
 from pathlib import Path
 
+from bench.errors import DataError
+
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -86,7 +88,11 @@ class ZipSource:
         pid = os.getpid()
         if self._zip is None or self._pid != pid:
             # A handle inherited through fork shares its file offset with the parent: never reuse it.
-            self._zip, self._pid = zipfile.ZipFile(self.path), pid
+            try:
+                self._zip, self._pid = zipfile.ZipFile(self.path), pid
+            except zipfile.BadZipFile as err:
+                raise DataError(f"{self.path} is not a readable zip archive ({err}); "
+                                f"check the file or point data.path at the unpacked folder") from None
         return self._zip
 
     def files(self) -> list[str]:
@@ -118,7 +124,7 @@ def open_source(path: str | os.PathLike) -> Source:
         return FolderSource(p)
     if p.is_file() and zipfile.is_zipfile(p):
         return ZipSource(p)
-    raise ValueError(f"{p} is neither a folder nor a zip archive")
+    raise DataError(f"{p} is neither a folder nor a zip archive")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bench.atomic import atomic_write
+from bench.errors import DataError
 
 from .inception import (WEIGHTS_NAME, InceptionWeightsNotFound, cache_root, ensure_inception_weights,
                         load_converted)
@@ -364,6 +365,9 @@ def fid_kid(generated, reference: ReferenceStats | str | os.PathLike, *,
     feats = compute_features(generated, extractor=extractor, device=device, batch_size=batch_size,
                              progress=progress)
     n_gen, d = feats.shape
+    if n_gen < 2:  # a covariance needs two images; one would give FID nan
+        where = f" in {generated}" if isinstance(generated, (str, os.PathLike)) else ""
+        raise DataError(f"FID needs at least 2 generated images, got {n_gen}{where}")
     if ref.features is not None and min(n_gen, ref.n) < d:
         fid, method = frechet_distance_from_features(feats, ref.features), "nuclear-norm"
     else:

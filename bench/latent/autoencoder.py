@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from bench.errors import UserError
+
 SD_SCALE = 0.18215  # U-ViT libs/autoencoder.py scale_factor (ImageNet configs)
 COCO_SCALE = 0.23010  # U-ViT configs/mscoco_uvit_small.py autoencoder.scale_factor
 DOWNSAMPLE = 8  # KL-f8: 256 x 256 -> 32 x 32
@@ -44,7 +46,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 RANDOM_PREFIX = "random:"
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A model spec that names nothing loadable (unknown random size, missing folder, bad hub id)."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bench.config import ConfigError
+
 DATASETS = ("imagenet256", "mscoco")
 
 
@@ -18,7 +20,7 @@ def prepare(dataset: str, source: str | os.PathLike | None, out: str | os.PathLi
     """Dispatch to ``prepare_imagenet256`` / ``prepare_mscoco`` (bench.latent.prepare) with ``options``
     as they take them; ``source=None``: ``prepare_standin`` (bench.latent.standin)."""
     if dataset not in DATASETS:
-        raise ValueError(f"bench prepare: unknown latent dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        raise ConfigError(f"bench prepare: unknown latent dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if source is None:
         from .standin import prepare_standin
 
@@ -36,9 +38,9 @@ def parse_scale(scale: str | float | None) -> float | str | None:
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise ValueError(f"--scale must be a number or 'auto', not {scale!r}") from None
+        raise ConfigError(f"--scale must be a number or 'auto', not {scale!r}") from None
     if not value > 0:
-        raise ValueError(f"--scale must be positive, not {value}")
+        raise ConfigError(f"--scale must be positive, not {value}")
     return value
 
 
@@ -57,9 +59,9 @@ def prepare_command(dataset: str, out: str | os.PathLike, source: str | os.PathL
     imagenet256 (-1: every image), ``n`` 300 stand-in digits.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"bench prepare: unknown latent dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        raise ConfigError(f"bench prepare: unknown latent dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if standin == (source is not None):
-        raise ValueError("bench prepare: give --source (the official files) or --standin (embedded MNIST), "
+        raise ConfigError("bench prepare: give --source (the official files) or --standin (embedded MNIST), "
                          "not both and not neither")
     given = {"per_class": per_class, "limit": limit, "val_limit": val_limit, "max_captions": max_captions,
              "reference_count": reference_count, "n": n}
@@ -72,7 +74,7 @@ def prepare_command(dataset: str, out: str | os.PathLike, source: str | os.PathL
     if not flip and (standin or dataset != "imagenet256"):
         misplaced.append("no_flip")
     if misplaced:
-        raise ValueError(f"bench prepare {dataset}{' --standin' if standin else ''}: "
+        raise ConfigError(f"bench prepare {dataset}{' --standin' if standin else ''}: "
                          f"{', '.join('--' + w.replace('_', '-') for w in misplaced)} do not apply")
     common = dict(scale=parse_scale(scale), dtype=dtype, batch_size=batch_size, device=device,
                   overwrite=overwrite, progress=progress)

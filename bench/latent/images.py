@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.errors import DataError
+
 RESOLUTION = 256
 
 
@@ -91,7 +93,7 @@ def imagenet_files(source: str | os.PathLike) -> tuple[list[tuple[object, str]],
 
     ds = build_dataset("imagefolder", source, split="train")
     if not ds.classes:
-        raise ValueError(f"{source}: expected one folder per class (<class>/<image>), as ILSVRC2012 "
+        raise DataError(f"{source}: expected one folder per class (<class>/<image>), as ILSVRC2012 "
                          "train/<wnid>/*.JPEG; found images at other depths")
     return [(ds.source, n) for n in ds.names], list(ds.labels), list(ds.classes)
 
@@ -168,7 +170,7 @@ class CocoIndex:
             raise FileNotFoundError(f"{self.root}: {len(missing)} {folder} images named in {ann} are "
                                     f"missing, e.g. {missing[:3]}")
         if not out:
-            raise ValueError(f"{self.root}: no captioned {folder} images")
+            raise DataError(f"{self.root}: no captioned {folder} images")
         return out
 
     def files(self, records: list[dict]) -> list[tuple[object, str]]:

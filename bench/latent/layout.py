@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from bench.errors import UserError
+
 FORMAT = 1
 META = "meta.json"
 PROGRESS = "progress.json"
 REFERENCE_DIR = "reference"
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A path that is not a finished layout of the expected dataset (or an inconsistent one)."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.config import ConfigError
 from .autoencoder import COCO_SCALE, SD_SCALE, LatentCodec, load_autoencoder
 from .images import RESOLUTION, CocoIndex, CroppedImages, imagenet_files, listing_checksum
 from .layout import REFERENCE_DIR, LayoutWriter, write_json
@@ -170,9 +171,9 @@ def _common_meta(dataset: str, codec: LatentCodec, count: int, dtype: str) -> di
 
 def _check(dtype: str, reference_count: int | None) -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if reference_count is not None and reference_count < 0:
-        raise ValueError(f"reference_count must be >= 0, not {reference_count}")
+        raise ConfigError(f"reference_count must be >= 0, not {reference_count}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.errors import DataError
 from .layout import FORMAT, is_finished
 
 STANDIN_VERSION = 2  # bump when the stand-in's content changes
@@ -62,7 +63,7 @@ def digits(n: int, offset: int = 0, size: int = 256) -> tuple[np.ndarray, list[i
         k = n // 10 + (1 if c < n % 10 else 0)
         members = np.flatnonzero(labels == c)[offset:offset + k]
         if len(members) < k:
-            raise ValueError(f"the embedded MNIST set has {int((labels == c).sum())} digits of class {c}; "
+            raise DataError(f"the embedded MNIST set has {int((labels == c).sum())} digits of class {c}; "
                              f"a stand-in of n={n} from offset {offset} needs {offset + k}")
         rows.extend(members.tolist())
     out = np.empty((len(rows), size, size, 3), np.uint8)
@@ -97,7 +98,7 @@ def prepare_standin(dataset: str, out_dir: str | os.PathLike, n: int = DEFAULT_N
     from .prepare import resolve_device, resolve_scale, write_class_layout, write_text_layout
 
     if dataset not in STANDIN_TEXT:
-        raise ValueError(f"no stand-in for {dataset!r}; valid: {', '.join(STANDIN_TEXT)}")
+        raise DataError(f"no stand-in for {dataset!r}; valid: {', '.join(STANDIN_TEXT)}")
     dev = resolve_device(device)
     codec = load_autoencoder(autoencoder, device=dev)
     src = _source_meta()

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import UserError
+from bench.store import read_rows
+
 # Columns the reporters read; any that a CSV lacks are added empty.
 RUN_COLUMNS = ("experiment", "method", "backbone", "dataset", "profile", "scale", "sampler", "steps", "seed",
                "n_samples", "batch_size", "mode", "device", "train_steps", "config_hash", "checkpoint",
@@ -41,7 +44,7 @@ METHOD_NAMES = {"baseline": "U-ViT", "deediff": "DeeDiff", "bertxit": "BERxiT", 
                 "small": "Small model", "pruning": "S-Pruning"}
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A report that cannot be made as asked (bad option, no results); the message says what to do."""
 
 
@@ -100,6 +103,8 @@ class Results:
         """per_call / trajectory / layer_mse / loss_per_timestep (empty frame when the file is absent)."""
         if name not in self._side:
             path = self.root / f"{name}.csv"
+            if path.exists():
+                read_rows(path)  # a damaged file: a clear ResultsError rather than a parser's traceback
             self._side[name] = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["run_id"])
         return self._side[name]
 
@@ -137,6 +142,7 @@ def load_results(root, profile: str | None = None, experiment: str | None = None
         raise NoResultsError(f"no results in {root}: {path} does not exist. Make rows with `bench run` or "
                              f"`bench eval --thresholds full,...` (or `bench sweep thresholds`) "
                              f"with --results {root}")
+    read_rows(path)  # a damaged file: a clear ResultsError rather than a parser's traceback
     runs = pd.read_csv(path, dtype=str, keep_default_na=False)
     for col in RUN_COLUMNS:
         if col not in runs.columns:
