@@ -14,6 +14,7 @@ dict. The resolved config is saved with every checkpoint and every result row.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -108,10 +109,28 @@ def set_key(cfg: dict, dotted: str, value: Any) -> None:
             allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
             raise ConfigError(f"unknown config key {dotted!r}: {where} has no {part!r}; allowed: {allowed}")
         if depth == len(parts) - 1:
-            old = node[part]
-            node[part] = _coerce(dotted, old, value)
+            declared = _declared_default(dotted)
+            node[part] = _coerce(dotted, node[part], value) if declared is _UNDECLARED else \
+                _typed(dotted, declared, value)
         else:
             node = node[part]
+
+
+_UNDECLARED = object()
+
+
+def _declared_default(dotted: str) -> Any:
+    """The default of a schema key (section.key of bench/defaults.yaml), else _UNDECLARED (open sections)."""
+    parts = dotted.split(".")
+    defaults = _defaults_cached()
+    if len(parts) != 2 or parts[0] not in SCHEMA_SECTIONS or parts[1] not in defaults[parts[0]]:
+        return _UNDECLARED
+    return defaults[parts[0]][parts[1]]
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults_cached() -> dict:
+    return load_defaults()
 
 
 def _coerce(key: str, old: Any, value: Any) -> Any:

@@ -47,6 +47,7 @@ def default_threshold(cfg: dict, method) -> float | None:
 
 def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
     """Train (or reuse), then evaluate at the configured threshold; returns the row."""
+    check_results(Path(cfg["run"]["results"]))  # a damaged results file: stop before training, not after
     tick = time.perf_counter()
     checkpoint = train(cfg, progress=progress)
     train_seconds = time.perf_counter() - tick

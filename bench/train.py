@@ -172,6 +172,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     run_dir = checkpoint_dir(cfg)
     if (run_dir / "final.pt").exists():
         return run_dir / "final.pt"
+    resolve_device(cfg["run"]["device"])  # no such device: stop before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_lock(run_dir):
         if (run_dir / "final.pt").exists():  # finished by the process we waited for
