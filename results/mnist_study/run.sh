@@ -48,18 +48,19 @@ train_eval() {
 if [[ $parts == *" more "* ]]; then
   # 6. the other methods under the same budget, and DeeDiff's ablations (Table 3) and loss forms
   train_eval full,0.05,0.1,0.15,0.2,0.3,0.4 --method bertxit
-  # what the layer-wise loss costs the full-depth output: DeeDiff with beta of eq. 13 at 0.3 instead of 1
+  # what the layer-wise loss costs the full-depth output: DeeDiff with beta of eq. 13 at 0.3 and 0.1 instead of 1
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.beta_ual=0.3
+  train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.beta_ual=0.1
   train_eval full,0.999,0.995,0.99,0.98,0.95,0.9 --method calm
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.layerwise_loss=false
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.shared_uem=true
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff --set methods.deediff.loss_form=paper
   train_eval full,0.5,1.0,1.5 --method static --set methods.static.schedule=time
   train_eval full --method pruning
-  # 7. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
-  #    41,700 steps of 64; about 8 hours here, resumable from its last.pt)
-  train_eval full --method small
-  # 8. a second seed at the operating points
+  # 7. a second seed at the operating points
   train_eval full,0.05,0.1 --method deediff --seed 1
   train_eval full --method baseline --seed 1
+  # 8. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
+  #    41,700 steps of 64; about 8 hours here, resumable from its last.pt), last because it is the longest
+  train_eval full --method small
 fi
