@@ -35,6 +35,9 @@ class ExitBackbone(Protocol):
 
     def head(self, state: State, i: int) -> Tensor: ...
 
+    # optional: `head_keys`, the state entries `head` reads (the engine gathers only those for the
+    # samples that exit); without it the whole state is gathered
+
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
 
     def flops_per_part(self) -> dict[str, float]: ...
@@ -48,9 +51,10 @@ def _select(value: Any, keep: Tensor) -> Any:
     return value
 
 
-def select_state(state: State, keep: Tensor) -> State:
-    """The state of the samples in `keep` (a bool mask or an index tensor over the batch)."""
-    return {key: _select(value, keep) for key, value in state.items()}
+def select_state(state: State, keep: Tensor, keys: tuple[str, ...] | None = None) -> State:
+    """The state of the samples in `keep` (a bool mask or an index tensor over the batch); with `keys`,
+    only those entries (what a head reads: an exiting sample's skip stack need not be copied)."""
+    return {key: _select(value, keep) for key, value in state.items() if keys is None or key in keys}
 
 
 def run_all_blocks(model: ExitBackbone, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:

@@ -284,6 +284,8 @@ class DDIMUNet(nn.Module):
         """The current feature map (B, C, H', W')."""
         return state["h"]
 
+    head_keys = ("h",)  # what `head` reads of the state (the engine gathers only this for exits)
+
     def head(self, state: State, i: int) -> Tensor:
         """The noise prediction (B, out_ch, H, W) if computation stops after block i."""
         h = state["h"]

@@ -217,6 +217,8 @@ class UViT(nn.Module):
         """The patch tokens (B, L, D), without the time and label tokens."""
         return state["x"][:, self.extras:, :]
 
+    head_keys = ("x",)  # what `head` reads of the state (the engine gathers only this for exits)
+
     def head(self, state: State, i: int | None = None) -> Tensor:
         """The backbone's own head, shared by every exit: norm, decoder_pred, unpatchify, final conv."""
         x = self.decoder_pred(self.norm(state["x"]))  # (B, extras + L, p*p*C)

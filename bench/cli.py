@@ -212,6 +212,40 @@ def speed_command(backbones: str = typer.Option("uvit_tiny", "--backbones", help
                        f"forward {row['forward_images_per_s']:9.1f} img/s  ({row['params']:,} params)")
 
 
+@app.command("perf")
+@user_facing
+def perf_command(batch_sizes: str = typer.Option("1,16,64", "--batch-sizes", help="comma-separated (128 too on a GPU)"),
+                 steps: int = typer.Option(10, "--steps", help="DPM-Solver steps per timed sample"),
+                 repeats: int = typer.Option(5, "--repeats", help="interleaved repeats per case"),
+                 backbone: str = typer.Option("uvit_tiny", "--backbone"),
+                 dataset: str = typer.Option("mnist", "--dataset", help="image geometry (mnist 28x28x1, cifar10 ...)"),
+                 sets: Optional[list[str]] = typer.Option(None, "--set", help="backbone kwargs: embed_dim=64"),
+                 init: Optional[str] = typer.Option(None, "--init", help="checkpoint for every model's backbone "
+                                                    "(default: random weights)"),
+                 precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast while sampling)"),
+                 train_batch: int = typer.Option(64, "--train-batch", help="batch of the timed training steps (0: skip)"),
+                 inception_images: int = typer.Option(64, "--inception-images", help="images for the FID "
+                                                      "extractor's throughput (0: skip)"),
+                 device: Optional[str] = DEVICE, results: Optional[str] = RESULTS) -> None:
+    """Realised speed of early exit against full depth, training-step and FID-extractor cost, as ratios
+    measured in one process; rows to <results>/perf.csv, figure <results>/perf.png."""
+    from bench.config import ConfigError, parse_override
+    from bench.perf import run_perf
+
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {precision!r}")
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be whole numbers like 1,16,64; got {batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1 or steps < 1 or repeats < 1:
+        raise ConfigError("--batch-sizes, --steps and --repeats must be >= 1")
+    kwargs = dict(parse_override(item) for item in sets or [])
+    run_perf(sizes, steps=steps, repeats=repeats, backbone=backbone, dataset=dataset, kwargs=kwargs,
+             device=device or "auto", init=init, precision=precision, train_batch=train_batch,
+             inception_images=inception_images, results=results or "results", echo=typer.echo)
+
+
 @app.command("fid")
 @user_facing
 def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference dataset name"),

@@ -265,7 +265,7 @@ NULLABLE_TYPES = {
 # Closed sets of values.
 CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"), "train.ema_ramp": EMA_RAMPS,
-    "sample.engine_mode": ("realised", "simulate"), "data.condition": ("none", "class", "text"),
+    "sample.engine_mode": ("realised", "simulate"), "sample.precision": ("fp32", "bf16"), "data.condition": ("none", "class", "text"),
     "model.schedule": ("vp", "linear", "scaled_linear"),
 }
 # Lower bounds: (bound, inclusive). Floats are also checked to be finite.

@@ -34,6 +34,12 @@ def row_hash(cfg: dict) -> str:
     return hashlib.sha256(f"{config_hash(cfg)}+{config_hash(source)}".encode()).hexdigest()[:12]
 
 
+def engine_label(sample: dict) -> str:
+    """The `mode` column: the engine mode, plus the precision where it is not fp32 (realised-bf16), so that
+    a bf16 cell is a cell of its own."""
+    return sample["engine_mode"] + ("" if sample["precision"] == "fp32" else f"-{sample['precision']}")
+
+
 def scale_label(cfg: dict, device: torch.device) -> str:
     """How a result was obtained, e.g. 'cpu-tiny': never to be read as the paper's scale."""
     return f"{device.type}-{cfg['run']['profile']}"
@@ -95,7 +101,7 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
         "experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
         "dataset": r["dataset"], "profile": r["profile"], "scale": scale_label(cfg, device),
         "sampler": s["sampler"], "steps": s["steps"], "seed": r["seed"], "n_samples": s["n_samples"],
-        "batch_size": s["batch_size"], "mode": s["engine_mode"], "device": str(device),
+        "batch_size": s["batch_size"], "mode": engine_label(s), "device": str(device),
         "train_steps": cfg["train"]["steps"],
         # steps that trained only the method's modules on the frozen EMA backbone (bench/train.py), if any
         "exit_calibration_steps": cfg["train"]["exit_calibration_steps"] if has_extras(model) or method.weights_from
@@ -194,7 +200,7 @@ def _run_id(cfg: dict, threshold) -> str:
     """Keys the per-call and per-step CSVs to their row in runs.csv."""
     r, s = cfg["run"], cfg["sample"]
     return (f"{row_hash(cfg)}-{r['experiment']}-{s['sampler']}{s['steps']}-thr{'full' if threshold is None else threshold}"
-            f"-b{s['batch_size']}-n{s['n_samples']}-{s['engine_mode']}-seed{r['seed']}")
+            f"-b{s['batch_size']}-n{s['n_samples']}-{engine_label(s)}-seed{r['seed']}")
 
 
 def _store_per_step(cfg: dict, model, measured: dict, full: dict, run_id: str) -> None:
@@ -318,6 +324,6 @@ def skip_stored(cfg: dict, thresholds: list) -> list:
     path = Path(r["results"]) / "runs.csv"
     key = {"experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
            "dataset": r["dataset"], "profile": r["profile"], "sampler": s["sampler"], "steps": s["steps"],
-           "seed": r["seed"], "n_samples": s["n_samples"], "batch_size": s["batch_size"], "mode": s["engine_mode"],
+           "seed": r["seed"], "n_samples": s["n_samples"], "batch_size": s["batch_size"], "mode": engine_label(s),
            "config_hash": row_hash(cfg)}
     return [t for t in thresholds if not has_cell(path, {**key, "threshold": "" if t is None else t})]

@@ -38,9 +38,10 @@ def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...
         engine.cond = None if conditioning is None else conditioning.sampling(indices, seed, device)
         _sync(device)
         tick = time.perf_counter()
-        x = sampler(engine, schedule, noise, shape, sample_cfg["steps"], device=device,
-                    progress=progress and start == 0, callback=callback if start == 0 else None,
-                    **sample_cfg["options"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=sample_cfg.get("precision") == "bf16"):
+            x = sampler(engine, schedule, noise, shape, sample_cfg["steps"], device=device,
+                        progress=progress and start == 0, callback=callback if start == 0 else None,
+                        **sample_cfg["options"])
         _sync(device)
         seconds += time.perf_counter() - tick
         if decode is not None:

@@ -79,7 +79,9 @@ class CALM(Method):
         if i == 0 or previous is None:
             similarity = rep.new_zeros(rep.shape[0])  # no previous exit: confidence 0
         else:
-            similarity = F.cosine_similarity(rep, previous, dim=1)
+            # clamped: rounding can put the cosine of near-equal vectors just above 1, and threshold 1.0
+            # must mean "never exit"
+            similarity = F.cosine_similarity(rep, previous, dim=1).clamp(-1.0, 1.0)
         ctx[PREVIOUS] = rep
         return similarity > threshold
 

@@ -103,11 +103,16 @@ class PixelMap(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, h: Tensor, model_t: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, model_t: Tensor | None = None, as_image: bool = True) -> Tensor:
+        """The map's logits, (B, C, H, W). as_image=False skips what only rearranges or repeats values
+        (unpatchify; an integer nearest upsampling): the same values in another layout, for a statistic
+        that does not depend on it (a per-sample mean, the exit rule), without the copies."""
         y = self.proj(h)  # U-ViT: (B, L, p*p*C); U-Net: (B, C, H_i, W_i)
         if self.time is not None:
             emb = timestep_embedding(batch_time(model_t, h.shape[0]), self.time_dim).to(y.dtype)
             y = y + (self.time(emb)[:, None, :] if self.kind == "uvit" else self.time(emb)[:, :, None, None])
+        if not as_image and (self.kind == "uvit" or self.size % y.shape[-1] == 0):
+            return y
         if self.kind == "uvit":
             return unpatchify(y, self.channels, self.patch_size)  # (B, C, H, W)
         if y.shape[-1] != self.size:

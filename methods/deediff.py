@@ -140,7 +140,9 @@ class DeeDiff(Method):
     def decide(self, model: DiffusionModel, i: int, state: dict, ctx: dict, threshold: float) -> Tensor:
         bb = model.backbone
         hidden = bb.hidden(state)
-        score = self.uncertainty(model, i, hidden, batch_time(ctx["model_t"], hidden.shape[0])).flatten(1).mean(1)
+        t = batch_time(ctx["model_t"], hidden.shape[0])
+        # the mean of u_i over the map's values; their layout (patches or pixels) does not change it
+        score = torch.sigmoid(model.extras["uem"][i](hidden, t, as_image=False).float()).flatten(1).mean(1)
         below = score < threshold                                          # (B,)
         if self.hp["exit_rule"] == "batch_mean":
             below = (score.mean() < threshold).expand_as(below)

@@ -80,7 +80,7 @@ def _fixtures(root: Path) -> dict[str, Path]:
     f["typed_yaml"] = root / "typed.yaml"
     f["typed_yaml"].write_text("profiles:\n  tiny: {}\nsample:\n  grid: maybe\n")
     f["nullable_yaml"] = root / "nullable.yaml"
-    f["nullable_yaml"].write_text("profiles:\n  tiny: {}\ndata:\n  limit: lots\n")
+    f["nullable_yaml"].write_text("profiles:\n  tiny: {}\nsample:\n  threshold: lots\n")
     return f
 
 
@@ -112,7 +112,7 @@ BAD_INPUTS = [
     (["run", "--device", "foo"], "'foo'"),
     (["run", "--method", "deedif"], "Did you mean 'deediff'"),
     (["run", "--config", "{typed_yaml}"], "sample.grid"),
-    (["run", "--config", "{nullable_yaml}"], "data.limit"),
+    (["run", "--config", "{nullable_yaml}"], "sample.threshold"),
     (["run", "--config", "{python_yaml}"], "not valid YAML"),
     (["run", "--dataset", "imagefolder", "--dataset-path", "{empty_dir}"], "empty"),
     (["run", "--dataset", "imagefolder", "--dataset-path", "{text}"], "notes.txt"),
@@ -345,3 +345,31 @@ def test_bench_yaml_values_are_typed_like_command_line_ones(tmp_path):
     assert cfg["train"]["steps"] == 1000 and isinstance(cfg["train"]["steps"], int)
     with pytest.raises(ConfigError, match="train.steps"):
         resolve(load_config(tmp_path / "bench.yaml"), overrides=["train.steps=2.5"])
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed in the middle of writing the second last.pt: the first one is intact, and the resumed run
+    ends with the weights of an uninterrupted one."""
+    overrides = {"train.steps": 6, "train.ckpt_every": 2, "train.log_every": 1}
+    cfg = _tiny_cfg(tmp_path / "a", **overrides)
+    real_save, calls = torch.save, []
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise Killed()
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    folder = checkpoint_dir(cfg)
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 2  # the previous checkpoint survived
+    resumed = torch.load(train(cfg), weights_only=True)
+    whole = torch.load(train(_tiny_cfg(tmp_path / "b", **overrides)), weights_only=True)
+    for key, value in whole["ema"].items():
+        assert torch.equal(value, resumed["ema"][key]), key
+    steps = [line.split(",")[0] for line in (folder / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, 7)]  # each step logged once

@@ -27,15 +27,33 @@ GUIDANCE_EXITS = ("both", "cond", "any")
 
 @dataclass
 class ExitRecord:
-    """Exit blocks of every network call: one (B,) tensor per call, in call order."""
+    """Exit blocks of every network call: one (B,) tensor per call, in call order.
 
-    exit_blocks: list[Tensor] = field(default_factory=list)  # block index each sample stopped after
-    model_times: list[float] = field(default_factory=list)   # the network time of each call
-    blocks_run: int = 0                                       # blocks actually executed, summed over samples
+    The engine adds each call's record on the device (`add`), so that recording costs no host sync;
+    reading `exit_blocks` or `model_times` moves what is pending to the host, once.
+    """
+
+    blocks_run: int = 0                                      # blocks actually executed, summed over samples
+    _exits: list[Tensor] = field(default_factory=list)      # block index each sample stopped after
+    _times: list = field(default_factory=list)              # the network time of each call
+
+    def add(self, exit_block: Tensor, model_time: Tensor) -> None:
+        self._exits.append(exit_block)
+        self._times.append(model_time.float().mean())
+
+    @property
+    def exit_blocks(self) -> list[Tensor]:
+        self._exits = [e.cpu() for e in self._exits]
+        return self._exits
+
+    @property
+    def model_times(self) -> list[float]:
+        self._times = [float(t) for t in self._times]
+        return self._times
 
     def layer_ratio(self, num_exits: int) -> float:
         """Mean fraction of blocks used per sample and call (from the recorded exit blocks)."""
-        if not self.exit_blocks:
+        if not self._exits:
             return float("nan")
         used = torch.cat(self.exit_blocks).double() + 1
         return float(used.mean() / num_exits)
@@ -100,6 +118,9 @@ class EarlyExitModel:
         return torch.cat([pair, pair])
 
     def _run(self, x: Tensor, model_t: Tensor, cond: Tensor | None, paired: bool) -> Tensor:
+        """Block by block over the active samples. Bookkeeping costs one host sync per block where the
+        method decides (how many stop); samples leave by index gathers, and an exiting sample's state is
+        gathered only as far as the head reads it (the backbone's `head_keys`)."""
         bb, last = self.backbone, self.backbone.num_exits - 1
         batch = x.shape[0]
         state = bb.prepare(x, model_t, cond)
@@ -108,14 +129,17 @@ class EarlyExitModel:
         exit_block = torch.full((batch,), last, dtype=torch.long, device=x.device)
         active = torch.arange(batch, device=x.device)   # positions (in x) of the samples still running
         undecided = torch.ones(batch, dtype=torch.bool, device=x.device)  # simulate: not yet stopped
+        head_keys = getattr(bb, "head_keys", None)
         for i in range(bb.num_exits):
             state = bb.run_block(i, state)
             self.record.blocks_run += len(active)
             if i == last:
-                rows = active if self.mode == "realised" else active[undecided]
-                if len(rows):
-                    pred = bb.head(state if self.mode == "realised" else select_state(state, undecided), i)
-                    out[rows] = pred.to(out.dtype)
+                if self.mode == "realised":
+                    out[active] = bb.head(state, i).to(out.dtype)
+                else:  # simulate: every sample ran every block; those not yet stopped take the last head
+                    rows = undecided.nonzero().squeeze(1)
+                    if len(rows):
+                        out[rows] = bb.head(select_state(state, rows, head_keys), i).to(out.dtype)
                 break
             stop = None if self.threshold is None else self.method.decide(self.model, i, state, ctx, self.threshold)
             if stop is None:
@@ -125,19 +149,21 @@ class EarlyExitModel:
                 stop = self._pair(stop)
             if self.mode == "simulate":
                 stop = stop & undecided
-                if stop.any():
-                    out[active[stop]] = bb.head(select_state(state, stop), i).to(out.dtype)
-                    exit_block[active[stop]] = i
-                    undecided &= ~stop
+            n_stop = int(stop.sum())  # the one host sync of this block
+            if n_stop == 0:
                 continue
-            if stop.any():
-                out[active[stop]] = bb.head(select_state(state, stop), i).to(out.dtype)
-                exit_block[active[stop]] = i
-                keep = ~stop
-                active = active[keep]
-                if len(active) == 0:
-                    break
-                state, ctx = select_state(state, keep), select_state(ctx, keep)
-        self.record.exit_blocks.append(exit_block[:batch // 2 if paired else batch].cpu())
-        self.record.model_times.append(float(model_t.float().mean()))
+            # stable order: the samples that go on first, then those that stop, each in batch order
+            order = torch.argsort(stop.to(torch.int8), stable=True)
+            leaving, staying = order[len(stop) - n_stop:], order[:len(stop) - n_stop]
+            rows = leaving if self.mode == "simulate" else active[leaving]
+            out[rows] = bb.head(select_state(state, leaving, head_keys), i).to(out.dtype)
+            exit_block[rows] = i
+            if self.mode == "simulate":
+                undecided[rows] = False
+                continue
+            if len(staying) == 0:
+                break
+            active = active[staying]
+            state, ctx = select_state(state, staying), select_state(ctx, staying)
+        self.record.add(exit_block[:batch // 2 if paired else batch], model_t)
         return out
