@@ -141,8 +141,9 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else measure(threshold)
+        # the config hash in the name: variants of one method (ablations) must not overwrite each other's grids
         cell = (f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}"
-                f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}")
+                f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}-{engine_label(s)}-{row_hash(cfg)}")
         grid = save_grid(m["images"][:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
         row = {
             **common, "threshold": "" if threshold is None else threshold,
