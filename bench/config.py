@@ -262,6 +262,8 @@ NULLABLE_TYPES = {
     "eval.reference_per_class": int, "eval.reference_limit": int, "sweep.gpus_per_trial": float,
     "sweep.storage": str,
 }
+# Keys that take an int or a float, kept as given (their defaults are ints).
+NUMBERS = ("sweep.cpus_per_trial", "train.max_seconds")
 # Closed sets of values.
 CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"), "train.ema_ramp": EMA_RAMPS,
@@ -296,7 +298,9 @@ def check_types(cfg: dict, defaults: dict | None = None) -> None:
     for section in SCHEMA_SECTIONS:
         for key, default in defaults[section].items():
             name, value = f"{section}.{key}", cfg[section].get(key)
-            cfg[section][key] = _typed(name, default, value)
+            # an int where a float is expected stays an int here (bench.yaml's `lr: 1`), as it always
+            # was, so that the config hashes of existing runs do not change; --set converts it
+            cfg[section][key] = _typed(name, default, value, convert_ints=False)
     for name, choices in CHOICES.items():
         section, key = name.split(".")
         if cfg[section][key] not in choices:
@@ -314,9 +318,12 @@ def check_types(cfg: dict, defaults: dict | None = None) -> None:
                 raise ConfigError(f"{name} must be {relation} {bound:,}, got {value!r}")
 
 
-def _typed(name: str, default: Any, value: Any) -> Any:
+def _typed(name: str, default: Any, value: Any, convert_ints: bool = True) -> Any:
     """`value` checked against the type of `default` (or NULLABLE_TYPES), and converted where lossless."""
     expected = NULLABLE_TYPES.get(name, type(default)) if default is None or name in NULLABLE_TYPES else type(default)
+    if name in NUMBERS:
+        expected = float
+        convert_ints = False
     if value is None:
         if default is None or name in NULLABLE_TYPES:
             return None
@@ -324,7 +331,7 @@ def _typed(name: str, default: Any, value: Any) -> Any:
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
-        return float(value)
+        return float(value) if convert_ints else value
     if expected is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
         return int(value)
     if expected is list and isinstance(value, (list, tuple)):
@@ -348,7 +355,10 @@ def check_keywords(where: str, fn, values: dict, reserved: tuple[str, ...] = ())
 
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of keyword: value, got {values!r}")
-    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+    signature = inspect.signature(fn)
+    if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        return  # it passes options on (dpm_solver++ to dpm_solver): the sampler itself checks them
+    params = {n: p for n, p in signature.parameters.items()
               if n not in reserved and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     try:
         hints = typing.get_type_hints(fn)
@@ -374,7 +384,7 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
     if hint in (bool, str):
         return isinstance(value, hint)
     return True  # containers, callables, tensors: not checked here
@@ -412,6 +422,9 @@ def validate(cfg: dict) -> None:
     from bench.thresholds import check_thresholds
 
     check_thresholds(cfg, method, [s["threshold"], getattr(method, "threshold", None)])
+    if cfg["eval"]["fid"] and s["n_samples"] < 2:
+        raise ConfigError(f"eval.fid needs sample.n_samples >= 2 (a covariance of one image is undefined); got "
+                          f"{s['n_samples']}")
     if s["guidance_scale"] and d["condition"] == "none":
         raise ConfigError("sample.guidance_scale is set but the dataset is unconditional (data.condition: none)")
     from bench.engine.executor import GUIDANCE_EXITS

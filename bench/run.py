@@ -20,6 +20,7 @@ from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, resolve_device
 from bench.store import append_row, has_cell, provenance
+from bench.thresholds import check_thresholds
 from bench.train import has_extras, train, weights_config
 from methods import build_method
 
@@ -83,6 +84,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     device = resolve_device(r["device"])
     method = build_method(r["method"], cfg["method"])
     model = build_model(cfg, method)
+    thresholds = [None if t is None else float(t) for t in thresholds]  # one spelling per cell: 6 and 6.0 alike
+    check_thresholds(cfg, method, thresholds)  # again now that the backbone set the range (static exits)
     state = load_checkpoint(checkpoint)
     check_identity(state, weights_config(cfg), checkpoint)  # a file copied in from another run is refused
     load_weights_into(model, checkpoint, prefer="ema", drop_extras=method.weights_from is not None,

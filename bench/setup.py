@@ -64,8 +64,13 @@ def build_model(cfg: dict, method: Method) -> DiffusionModel:
     try:
         backbone = build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels, **kwargs)
     except (TypeError, ValueError) as err:
-        if not cfg["model"]["kwargs"]:
+        user = cfg["model"]["kwargs"]
+        if not user:
             raise
-        raise ConfigError(f"model.kwargs {cfg['model']['kwargs']}: {cfg['model']['backbone']} cannot be built with "
-                          f"them ({err})") from None
+        try:  # blame model.kwargs only if the backbone builds without them
+            build_backbone(cfg["model"]["backbone"], img_size=resolution, channels=channels,
+                           **{k: v for k, v in kwargs.items() if k not in user})
+        except Exception:
+            raise err from None
+        raise ConfigError(f"model.kwargs {user}: {cfg['model']['backbone']} cannot be built with them ({err})") from None
     return DiffusionModel(backbone, method.attach(backbone))

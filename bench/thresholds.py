@@ -32,7 +32,8 @@ def parse_thresholds(text: str) -> list[float | None]:
 
 def check_thresholds(cfg: dict, method, thresholds: list) -> None:
     """Every threshold a finite number inside the method's exit-signal range (None: full depth)."""
-    low_high = getattr(method, "threshold_range", None)
+    # a range that the backbone sets (static exits: 0 .. its blocks - 1) is checked once the method is attached
+    low_high = None if getattr(method, "range_pending", False) else getattr(method, "threshold_range", None)
     for t in thresholds:
         if t is None:
             continue

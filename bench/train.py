@@ -175,7 +175,7 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     resolve_device(cfg["run"]["device"])  # no such device: stop before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_lock(run_dir):
-        if (run_dir / "final.pt").exists():  # finished by the process we waited for
+        if (run_dir / "final.pt").exists():  # finished by another trainer since the check above
             return run_dir / "final.pt"
         return _train(cfg, run_dir, stop_at, progress)
 

@@ -144,6 +144,11 @@ class StaticExit(Method):
             self.default_thresholds = (0.5, 1.0, 1.5)
         self.num_blocks: int | None = None
 
+    @property
+    def range_pending(self) -> bool:
+        """Whether threshold_range still awaits the backbone (the fixed schedule's exit blocks)."""
+        return self.schedule == "fixed" and self.num_blocks is None
+
     def row_options(self) -> dict:
         return {"weights": self.weights_from or "own"}
 

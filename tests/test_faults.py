@@ -192,12 +192,16 @@ def test_disk_full_is_a_user_error_that_leaves_the_old_file(tmp_path):
 
 def test_stale_temporaries_of_dead_writers_are_removed_and_files_get_the_umask(tmp_path):
     target = tmp_path / "runs.csv"
-    dead = tmp_path / ".runs.csv.999999999.abcd.tmp"  # no such pid
-    alive = tmp_path / f".runs.csv.{os.getpid()}.abcd.tmp"  # a writer still running (this process)
-    dead.write_text("x")
-    alive.write_text("y")
+    from bench.atomic import HOST
+
+    dead = tmp_path / f".runs.csv.{HOST}-999999999.abcd.tmp"  # no such pid
+    alive = tmp_path / f".runs.csv.{HOST}-{os.getpid()}.abcd.tmp"  # a writer still running (this process)
+    elsewhere = tmp_path / ".runs.csv.otherhost-999999999.abcd.tmp"  # another host's writer: not ours to judge
+    other_file = tmp_path / f".runs.csv.1.{HOST}-999999999.abcd.tmp"  # the temporary of runs.csv.1
+    for tmp in (dead, alive, elsewhere, other_file):
+        tmp.write_text("x")
     atomic_write(target, lambda f: f.write(b"a,b\n"))
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and elsewhere.exists() and other_file.exists()
     assert remove_stale_temporaries(target) == []
     mask = os.umask(0)
     os.umask(mask)
@@ -212,7 +216,7 @@ CORRUPT = {
     "truncated row": HEADER + ROW + "default,baseline,uvit_tiny\n",
     "extra field": HEADER + ROW.replace("\n", ",1,2\n"),
     "missing key column": HEADER.replace("threshold,", "") + ROW.replace(",,0,", ",0,"),
-    "NUL byte": HEADER + ROW.replace("tiny", "ti\x00ny,", 1),
+    "a stray comma": HEADER + ROW.replace("tiny", "ti,ny", 1),
     "repeated column": HEADER.replace("fid", "seed") + ROW,
     "not text": HEADER + ROW + "\xff\xfe",
 }
@@ -305,17 +309,22 @@ def test_a_kill_between_per_call_rows_and_the_runs_row_loses_nothing(tmp_path, m
     cfg = _tiny_cfg(tmp_path)
     checkpoint = train(cfg)
     results = Path(cfg["run"]["results"])
-    real_append = bench_run.append_row
+    import bench.store
 
-    def killed_at_the_runs_row(*args, **kwargs):
-        raise Killed()
+    real_append_rows = bench.store.append_rows
 
-    monkeypatch.setattr(bench_run, "append_row", killed_at_the_runs_row)
+    def killed_after_the_per_call_rows(path, rows, *args, **kwargs):
+        if Path(path).name == "trajectory.csv":  # per_call.csv is written, the rest of the cell is not
+            raise Killed()
+        return real_append_rows(path, rows, *args, **kwargs)
+
+    monkeypatch.setattr(bench.store, "append_rows", killed_after_the_per_call_rows)
     with pytest.raises(Killed):
         bench_run.evaluate(cfg, checkpoint, [None], progress=False)
-    assert not (results / "runs.csv").exists()  # the cell is not stored, so a rerun measures it
+    assert (results / "per_call.csv").exists()
+    assert not (results / "runs.csv").exists()  # the cell is not stored, so a rerun measures it (whole)
     assert bench_run.skip_stored(cfg, [None]) == [None]
-    monkeypatch.setattr(bench_run, "append_row", real_append)
+    monkeypatch.setattr(bench.store, "append_rows", real_append_rows)
     bench_run.evaluate(cfg, checkpoint, bench_run.skip_stored(cfg, [None]), progress=False)
     runs = read_rows(results / "runs.csv")
     assert len(runs) == 1
@@ -341,7 +350,7 @@ def test_the_schema_names_only_keys_of_the_defaults_and_types_every_null_default
 def test_bench_yaml_values_are_typed_like_command_line_ones(tmp_path):
     (tmp_path / "bench.yaml").write_text("profiles:\n  tiny: {}\ntrain:\n  lr: 1\n  steps: 1.0e+3\n")
     cfg = resolve(load_config(tmp_path / "bench.yaml"))
-    assert cfg["train"]["lr"] == 1.0 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["lr"] == 1  # a number where a float is expected (kept as written: hashes unchanged)
     assert cfg["train"]["steps"] == 1000 and isinstance(cfg["train"]["steps"], int)
     with pytest.raises(ConfigError, match="train.steps"):
         resolve(load_config(tmp_path / "bench.yaml"), overrides=["train.steps=2.5"])
@@ -373,3 +382,13 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_same_weights(tmp_pa
         assert torch.equal(value, resumed["ema"][key]), key
     steps = [line.split(",")[0] for line in (folder / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [str(i) for i in range(1, 7)]  # each step logged once
+
+
+def test_valid_inputs_that_the_checks_must_accept():
+    """Regressions a review found: options passed on by dpm_solver++, a static exit beyond the tiny
+    model's 13 blocks on U-ViT-L (21 blocks; the range is set by the backbone), fractional CPUs per trial."""
+    resolve(load_config(), run={"profile": "paper", "dataset": "imagenet256", "method": "static"},
+            overrides=["sample.threshold=14"])
+    resolve(load_config(), overrides=["sample.sampler=dpm_solver++", "sample.options={method: multistep, order: 2}"])
+    cfg = resolve(load_config(), overrides=["sweep.cpus_per_trial=0.5", "sample.options={order: 2.0}"])
+    assert cfg["sweep"]["cpus_per_trial"] == 0.5

@@ -21,7 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
 from tqdm.auto import tqdm
+
+from bench.config import ConfigError
 
 from .noise import NoiseSource
 from .schedules import Schedule
@@ -123,7 +126,7 @@ def dpm_time_steps(schedule: Schedule, skip: str, t_T: float, t_0: float, n: int
         return np.linspace(t_T, t_0, n + 1)
     if skip == "time_quadratic":
         return np.linspace(math.sqrt(t_T), math.sqrt(t_0), n + 1) ** 2
-    raise ValueError(f"unknown skip type {skip!r}; use 'logSNR', 'time_uniform' or 'time_quadratic'")
+    raise ConfigError(f"sample.options: unknown skip type {skip!r}; use 'logSNR', 'time_uniform' or 'time_quadratic'")
 
 
 def singlestep_orders(steps: int, order: int) -> list[int]:
@@ -136,7 +139,7 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
         return [2] * (steps // 2) + [1] * (steps % 2)
     if order == 1:
         return [1] * steps
-    raise ValueError("order must be 1, 2 or 3")
+    raise ConfigError("sample.options: order must be 1, 2 or 3")
 
 
 class _DPM:
@@ -220,13 +223,13 @@ def dpm_solver(eps_fn: EpsFn, schedule: Schedule, noise: NoiseSource | None, sha
     callback(step, x, t) runs after every solver step (a singlestep step of order k costs k NFE).
     """
     if algorithm not in ("dpmsolver", "dpmsolver++"):
-        raise ValueError(f"unknown algorithm {algorithm!r}; use 'dpmsolver' or 'dpmsolver++'")
+        raise ConfigError(f"sample.options: unknown algorithm {algorithm!r}; use 'dpmsolver' or 'dpmsolver++'")
     if order not in (1, 2, 3):
-        raise ValueError("order must be 1, 2 or 3")
+        raise ConfigError("sample.options: order must be 1, 2 or 3")
     t_T = schedule.t_start if t_start is None else float(t_start)
     t_0 = schedule.t_end if t_end is None else float(t_end)
     if not 0 < t_0 < t_T:
-        raise ValueError(f"need 0 < t_end < t_start, got {t_0}, {t_T}")
+        raise ConfigError(f"sample.options: need 0 < t_end < t_start, got {t_0}, {t_T}")
     run = _Run(eps_fn, schedule, noise, shape, device, dtype, x_init, callback, progress, algorithm)
     solver = _DPM(run, algorithm == "dpmsolver++")
     x = run.x
@@ -250,7 +253,7 @@ def dpm_solver(eps_fn: EpsFn, schedule: Schedule, noise: NoiseSource | None, sha
             run.done(i, x, t)
     elif method == "multistep":
         if steps < order:
-            raise ValueError("multistep needs steps >= order")
+            raise ConfigError("sample.options: multistep needs steps >= order")
         grid = [float(u) for u in dpm_time_steps(schedule, skip, t_T, t_0, steps)]
         ts, ms = [grid[0]], [solver.model(x, grid[0])]
         for step in run.steps(steps):
@@ -264,7 +267,7 @@ def dpm_solver(eps_fn: EpsFn, schedule: Schedule, noise: NoiseSource | None, sha
                 ms = ms + [solver.model(x, grid[n])]
             run.done(step, x, grid[n])
     else:
-        raise ValueError(f"unknown method {method!r}; use 'singlestep', 'singlestep_fixed' or 'multistep'")
+        raise ConfigError(f"sample.options: unknown method {method!r}; use 'singlestep', 'singlestep_fixed' or 'multistep'")
     if denoise_to_zero:  # x0 prediction at t_0 (one more NFE)
         eps = run.eps(x, t_0)
         x = (x - run.f(schedule.sigma, t_0) * eps) / run.f(schedule.alpha, t_0)
@@ -298,7 +301,7 @@ def ddim_timesteps(num_steps: int, steps: int, skip: str = "uniform") -> list[in
         return list(range(0, num_steps, num_steps // steps))
     if skip == "quad":
         return [int(s) for s in np.linspace(0, np.sqrt(num_steps * 0.8), steps) ** 2]
-    raise ValueError(f"unknown skip type {skip!r}; use 'uniform' or 'quad'")
+    raise ConfigError(f"sample.options: unknown skip type {skip!r}; use 'uniform' or 'quad'")
 
 
 def ddim(eps_fn: EpsFn, schedule: Schedule, noise: NoiseSource | None, shape: Sequence[int],
