@@ -452,3 +452,16 @@ def test_matched_compute_row_and_figure(tmp_path):
     report = make_report(tmp_path, tmp_path / "out", figures=["5"], echo=lambda s: None)
     made = [p for p in (tmp_path / "out").glob("figure5-*.png")]
     assert made, report.not_made
+
+
+def test_variants_of_deediff_do_not_mix_into_its_default_rows():
+    """A study also holds DeeDiff at beta 0.3 and with the paper's loss form: not the default DeeDiff."""
+    import pandas as pd
+
+    from bench.report.tables import DEFAULT
+    from bench.report.select import RowSpec
+
+    runs = pd.DataFrame({"dataset": ["mnist"] * 4, "method": ["deediff"] * 4, "backbone": ["uvit_tiny"] * 4,
+                         "options": [{}, {"beta_ual": 1.0, "loss_form": "official"}, {"beta_ual": 0.3},
+                                     {"loss_form": "paper"}]})
+    assert list(RowSpec("DeeDiff", "deediff", options=DEFAULT).matches(runs, "mnist").index) == [0, 1]
