@@ -295,8 +295,8 @@ def ray_runtime(address: str | None, echo: Echo = print):
     Yields {"cpus", "gpus"} of the cluster. A runtime this process already started is used as it is.
     """
     import ray
-    from ray._private import ray_constants
 
+    ray_constants = ray_private()["constants"]
     if ray.is_initialized():
         yield _cluster_info(ray)
         return
@@ -348,13 +348,24 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                               f"`ray start --head` there, or leave --address out to run on this machine") from None
 
 
+def ray_private() -> dict:
+    """Everything of Ray's private API this harness uses, in one place (Ray has no public setting for
+    either): `constants.ENABLE_RAY_CLUSTER`, which keeps a local runtime on 127.0.0.1 (see LOCAL_INIT),
+    and the auth-token `Config` and `AuthenticationTokenLoader`, which re-read RAY_AUTH_MODE and the
+    token. tests/test_sweep.py checks that they exist, so that a Ray upgrade that moves them fails there,
+    loudly, rather than silently leaving the runtime on a routable address or without its token."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    return {"constants": ray_constants, "config": Config, "token_loader": AuthenticationTokenLoader}
+
+
 def _reload_auth_settings() -> None:
     """Ray reads RAY_AUTH_MODE and the token once, at import: make it read them again (as ray.init does
     for its own default in ray._private.authentication.authentication_token_setup._enable_token_auth)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    private = ray_private()
+    private["config"].initialize("")
+    private["token_loader"].instance().reset_cache()
 
 
 def _cluster_info(ray) -> dict:

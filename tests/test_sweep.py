@@ -133,3 +133,14 @@ def test_grid_values_may_hold_commas_inside_brackets():
     grid = parse_grid(["train.lr=1e-3,2e-4", "model.kwargs={embed_dim: 32, num_heads: 2},{embed_dim: 64}"])
     assert grid == {"train.lr": [1e-3, 2e-4], "model.kwargs": [{"embed_dim": 32, "num_heads": 2}, {"embed_dim": 64}]}
     assert len(grid_points(grid)) == 4 and grid_points({}) == [{}]
+
+
+def test_the_private_ray_api_the_loopback_runtime_needs_is_still_there():
+    """If a Ray upgrade moves these, the private runtime could listen on a routable address or lose its
+    token: fail here, by name, rather than at a user's sweep."""
+    from bench.sweep import ray_private
+
+    private = ray_private()
+    assert isinstance(private["constants"].ENABLE_RAY_CLUSTER, bool)
+    assert callable(private["config"].initialize)
+    assert callable(private["token_loader"].instance().reset_cache)
