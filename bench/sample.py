@@ -44,6 +44,10 @@ def generate(model, schedule, sample_cfg: dict, seed: int, shape: tuple[int, ...
                         **sample_cfg["options"])
         _sync(device)
         seconds += time.perf_counter() - tick
+        if progress and start == 0 and n > batch:  # the one bar shows the first batch: say what the rest costs
+            batches = -(-n // batch)
+            print(f"sampling {n} images in {batches} batches: about {seconds * batches / 60:.1f} min "
+                  f"({seconds:.1f} s for the first)", flush=True)
         if decode is not None:
             x = decode(x)
         images.append(x.clamp(-1, 1).float().cpu())
