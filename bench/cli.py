@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import sys
 import traceback
+import typing
+from dataclasses import dataclass
 from typing import Optional
 
 import click
@@ -13,9 +16,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=False, invoke_without_command=True,
                   help="Benchmark and ablation harness for early-exit diffusion models.")
 
-# Options every command shares, defined once.
+# Options several commands share, declared once (run_options injects them into a command).
 CONFIG = typer.Option(None, "--config", help="bench.yaml to read (default: ./bench.yaml)")
-PROFILE = typer.Option(None, "--profile", help="tiny | small | paper (bench ls profiles)")
+PROFILE = typer.Option(None, "--profile", help="tiny | small | study | paper (bench ls profiles)")
 DATASET = typer.Option(None, "--dataset", help="dataset name (bench ls datasets)")
 DATASET_PATH = typer.Option(None, "--dataset-path", help="folder, zip or file of the dataset")
 METHOD = typer.Option(None, "--method", help="method plugin (bench ls methods)")
@@ -27,28 +30,78 @@ SEED = typer.Option(None, "--seed", help="run seed")
 SET = typer.Option(None, "--set", help="override any config key: --set train.lr=1e-3 (repeatable)")
 RESULTS = typer.Option(None, "--results", help="results directory (default: results)")
 DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N")
+ADDRESS = typer.Option(None, "--address", help="join this Ray cluster (default: a private runtime on this machine)")
+QUIET = typer.Option(False, "--quiet", help="no progress bars")
+FORCE = typer.Option(False, "--force", help="re-measure cells that are already stored")
+THRESHOLDS = typer.Option(None, "--thresholds", help="comma-separated; 'full' for full depth (default: the method's)")
+
+# name, type, option; in the order --help lists them
+RUN_OPTIONS = (("config", Optional[str], CONFIG), ("profile", Optional[str], PROFILE),
+               ("dataset", Optional[str], DATASET), ("dataset_path", Optional[str], DATASET_PATH),
+               ("method", Optional[str], METHOD), ("backbone", Optional[str], BACKBONE),
+               ("sampler", Optional[str], SAMPLER), ("steps", Optional[int], STEPS),
+               ("samples", Optional[int], SAMPLES), ("seed", Optional[int], SEED), ("sets", Optional[list[str]], SET),
+               ("results", Optional[str], RESULTS), ("device", Optional[str], DEVICE))
+SAMPLING_OPTIONS = ("sampler", "steps", "samples", "results")  # what training commands do not take
 
 
-def _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets, results,
-            device) -> tuple[dict, list[str]]:
-    """The command line's layer of the config: run-section values and key=value overrides."""
-    overrides = list(sets or [])
-    for key, value in (("data.path", dataset_path), ("model.backbone", backbone), ("sample.sampler", sampler),
-                       ("sample.steps", steps), ("sample.n_samples", samples)):
-        if value is not None:
-            overrides.insert(0, f"{key}={value}")
-    run = {"profile": profile, "dataset": dataset, "method": method, "seed": seed, "results": results,
-           "device": device}
-    return run, overrides
+@dataclass
+class RunOptions:
+    """The shared options' values: the command line's layer of the configuration."""
+    config: Optional[str] = None
+    profile: Optional[str] = None
+    dataset: Optional[str] = None
+    dataset_path: Optional[str] = None
+    method: Optional[str] = None
+    backbone: Optional[str] = None
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    samples: Optional[int] = None
+    seed: Optional[int] = None
+    sets: Optional[list[str]] = None
+    results: Optional[str] = None
+    device: Optional[str] = None
+
+    def layers(self) -> tuple[dict, list[str]]:
+        """Run-section values and key=value overrides (the named options first, then --set)."""
+        overrides = list(self.sets or [])
+        for key, value in (("data.path", self.dataset_path), ("model.backbone", self.backbone),
+                           ("sample.sampler", self.sampler), ("sample.steps", self.steps),
+                           ("sample.n_samples", self.samples)):
+            if value is not None:
+                overrides.insert(0, f"{key}={value}")
+        run = {"profile": self.profile, "dataset": self.dataset, "method": self.method, "seed": self.seed,
+               "results": self.results, "device": self.device}
+        return run, overrides
+
+    def resolved(self) -> dict:
+        from bench.config import load_config, resolve
+
+        run, overrides = self.layers()
+        return resolve(load_config(self.config), run=run, overrides=overrides)
 
 
-def _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
-              results, device) -> dict:
-    from bench.config import load_config, resolve
+def run_options(*, without: tuple[str, ...] = ()):
+    """Give a command the shared options (all but `without`), collected into its `opts: RunOptions`
+    parameter; typer reads the combined signature, so --help lists them all."""
+    shared = [(name, kind, option) for name, kind, option in RUN_OPTIONS if name not in without]
 
-    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed, sets,
-                             results, device)
-    return resolve(load_config(config), run=run, overrides=overrides)
+    def decorate(command):
+        signature = inspect.signature(command)
+        own = [param for name, param in signature.parameters.items() if name != "opts"]
+        hints = {name: kind for name, kind in typing.get_type_hints(command).items() if name != "opts"}
+
+        @functools.wraps(command)
+        def with_options(**kwargs):
+            values = {name: kwargs.pop(name, None) for name, _, _ in shared}
+            return command(opts=RunOptions(**values), **kwargs)
+
+        with_options.__signature__ = signature.replace(parameters=[
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+            for name, kind, option in shared] + [param.replace(kind=inspect.Parameter.KEYWORD_ONLY) for param in own])
+        with_options.__annotations__ = {**{name: kind for name, kind, _ in shared}, **hints}
+        return with_options
+    return decorate
 
 
 def _fail(err: Exception | str, code: int = 2) -> None:
@@ -99,23 +152,15 @@ def user_facing(command):
 def main(ctx: typer.Context) -> None:
     """With no command, `bench` runs `bench run` on the embedded default (tiny MNIST baseline)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(run_command, config=None, profile=None, dataset=None, dataset_path=None, method=None,
-                   backbone=None, sampler=None, steps=None, samples=None, seed=None, sets=None, results=None,
-                   device=None, force=False, quiet=False)
+        ctx.invoke(run_command, force=False, quiet=False)
 
 
 @app.command("run")
 @user_facing
-def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
-                dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
-                backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
-                samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
-                results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
-                force: bool = typer.Option(False, "--force", help="re-measure a cell that is already stored"),
-                quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
+@run_options()
+def run_command(opts: RunOptions, force: bool = FORCE, quiet: bool = QUIET) -> None:
     """Train (or reuse) a model, sample, save an image grid and a results row."""
-    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                    sets, results, device)
+    cfg = opts.resolved()
     from bench.run import run
 
     row = run(cfg, progress=not quiet, force=force)
@@ -127,22 +172,18 @@ def run_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE
 
 @app.command("eval")
 @user_facing
-def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
-                 dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
-                 backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
-                 samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
-                 results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
-                 thresholds: Optional[str] = typer.Option(
-                     None, "--thresholds", help="comma-separated; 'full' for full depth (default: the method's)"),
-                 force: bool = typer.Option(False, "--force", help="re-measure cells that are already stored"),
-                 quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
+@run_options()
+def eval_command(opts: RunOptions, thresholds: Optional[str] = THRESHOLDS, force: bool = FORCE,
+                 quiet: bool = QUIET) -> None:
     """Evaluate a trained checkpoint at one or more thresholds (full depth measured first, same run)."""
-    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                    sets, results, device)
+    cfg = opts.resolved()
     from bench.run import default_threshold, evaluate, finished_checkpoint, skip_stored
     from bench.thresholds import check_thresholds, parse_thresholds
     from methods import build_method
 
+    from bench.setup import prepare_data
+
+    prepare_data(cfg)
     method_plugin = build_method(cfg["run"]["method"], cfg["method"])
     wanted = [default_threshold(cfg, method_plugin)] if thresholds is None else parse_thresholds(thresholds)
     check_thresholds(cfg, method_plugin, wanted)
@@ -160,18 +201,46 @@ def eval_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFIL
 
 @app.command("train")
 @user_facing
-def train_command(config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
-                  dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD,
-                  backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
-                  device: Optional[str] = DEVICE,
-                  quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
-    """Train (or resume) the configured model; prints the checkpoint path."""
-    cfg = _resolved(config, profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets,
-                    None, device)
+@run_options(without=SAMPLING_OPTIONS)
+def train_command(opts: RunOptions, address: Optional[str] = ADDRESS, quiet: bool = QUIET) -> None:
+    """Train (or resume) the configured model; prints the checkpoint path. With --set train.num_workers=N
+    the steps run data-parallel on N Ray Train workers (--address: on that Ray cluster)."""
+    cfg = opts.resolved()
     from bench.train import train
 
-    path = train(cfg, progress=not quiet)
+    path = train(cfg, progress=not quiet, address=address)
     typer.echo(str(path))
+
+
+@app.command("config")
+@user_facing
+@run_options()
+def config_command(opts: RunOptions, as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML"),
+                   section: Optional[str] = typer.Option(None, "--section", help="print only this section "
+                                                         "(run, data, model, train, sample, eval, method, sweep)")) -> None:
+    """Print the resolved configuration that run, eval and train would use with these options, its
+    hash and where its checkpoint lives; runs nothing, writes nothing."""
+    import json
+
+    import yaml
+
+    from bench.checkpoint import checkpoint_dir
+    from bench.config import config_hash
+    from bench.errors import UserError
+    from bench.train import weights_config
+
+    cfg = opts.resolved()
+    if section is not None and section not in cfg:
+        raise UserError(f"no section {section!r}; valid: {', '.join(cfg)}")
+    shown = cfg if section is None else {section: cfg[section]}
+    typer.echo(json.dumps(shown, indent=1, default=str) if as_json else
+               yaml.safe_dump(shown, sort_keys=False, default_flow_style=None, width=110).rstrip())
+    source = weights_config(cfg)
+    run_dir = checkpoint_dir(source)
+    state = "trained" if (run_dir / "final.pt").exists() else \
+        "partly trained (resumes)" if (run_dir / "last.pt").exists() else "not trained yet"
+    reads = "" if source is cfg else f" (the {source['run']['method']} run's weights)"
+    typer.echo(f"# config hash {config_hash(cfg)}; checkpoint {run_dir}/final.pt{reads}: {state}", err=as_json)
 
 
 @app.command("export")
@@ -266,10 +335,11 @@ def fid_command(dataset: str = typer.Option(..., "--dataset", help="reference da
     from pathlib import Path
 
     from bench.evaluate import fid_kid, reference_dataset, reference_statistics
-    from bench.setup import resolve_device
+    from bench.setup import prepare_dataset, resolve_device
     from bench.store import append_row, provenance
 
     dev = resolve_device(device or "auto")
+    prepare_dataset(dataset, dataset_path)
     tick = time.perf_counter()
     ref = reference_statistics(dataset, dataset_path, reference_split, resolution, limit=reference_limit,
                                per_class=reference_per_class, device=dev, progress=True)
@@ -336,23 +406,18 @@ sweep_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Sweeps on Ray Tune, one trial per cell; the results store decides what is done.")
 app.add_typer(sweep_app, name="sweep")
 
-ADDRESS = typer.Option(None, "--address", help="join this Ray cluster (default: a private runtime on this machine)")
 METHODS = typer.Option(None, "--methods", help="comma-separated methods (default: --method)")
 
 
 @sweep_app.command("thresholds")
 @user_facing
+@run_options()
 def sweep_thresholds_command(
-        config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
-        dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
-        backbone: Optional[str] = BACKBONE, sampler: Optional[str] = SAMPLER, steps: Optional[int] = STEPS,
-        samples: Optional[int] = SAMPLES, seed: Optional[int] = SEED, sets: Optional[list[str]] = SET,
-        results: Optional[str] = RESULTS, device: Optional[str] = DEVICE,
+        opts: RunOptions, methods: Optional[str] = METHODS,
         thresholds: Optional[str] = typer.Option(
             None, "--thresholds", help="comma-separated; 'full' for full depth (default: methods.<name>.thresholds "
                                        "in bench.yaml, else the method's own grid)"),
-        address: Optional[str] = ADDRESS,
-        force: bool = typer.Option(False, "--force", help="re-measure cells that are already stored"),
+        address: Optional[str] = ADDRESS, force: bool = FORCE,
         quiet: bool = typer.Option(False, "--quiet", help="no Tune status tables")) -> None:
     """Evaluate trained checkpoints at every threshold of a grid, one Ray Tune trial per cell.
 
@@ -362,24 +427,22 @@ def sweep_thresholds_command(
     """
     from bench.sweep import parse_list, parse_thresholds, sweep_thresholds
 
-    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, sampler, steps, samples, seed,
-                             sets, results, device)
-    sweep_thresholds(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+    run, overrides = opts.layers()
+    sweep_thresholds(opts.config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
                      thresholds=parse_thresholds(thresholds) if thresholds is not None else None,
                      address=address, force=force, quiet=quiet, echo=typer.echo)
 
 
 @sweep_app.command("train")
 @user_facing
+@run_options(without=SAMPLING_OPTIONS)
 def sweep_train_command(
-        config: Optional[str] = CONFIG, profile: Optional[str] = PROFILE, dataset: Optional[str] = DATASET,
-        dataset_path: Optional[str] = DATASET_PATH, method: Optional[str] = METHOD, methods: Optional[str] = METHODS,
+        opts: RunOptions, methods: Optional[str] = METHODS,
         datasets: Optional[str] = typer.Option(None, "--datasets", help="comma-separated (default: --dataset)"),
-        backbone: Optional[str] = BACKBONE, seed: Optional[int] = SEED,
         seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds (default: --seed)"),
         grid: Optional[list[str]] = typer.Option(
             None, "--grid", help="key=v1,v2 over any config key, applied after --set (repeatable: a product)"),
-        sets: Optional[list[str]] = SET, device: Optional[str] = DEVICE, address: Optional[str] = ADDRESS,
+        address: Optional[str] = ADDRESS,
         quiet: bool = typer.Option(False, "--quiet", help="no Tune status tables")) -> None:
     """Train a grid of configurations (methods x datasets x seeds x --grid), one Ray Tune trial each.
 
@@ -387,9 +450,8 @@ def sweep_train_command(
     """
     from bench.sweep import parse_grid, parse_list, parse_seeds, sweep_train
 
-    run, overrides = _layers(profile, dataset, dataset_path, method, backbone, None, None, None, seed, sets, None,
-                             device)
-    sweep_train(config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
+    run, overrides = opts.layers()
+    sweep_train(opts.config, run, overrides, methods=parse_list(methods, "--methods") if methods else None,
                 datasets=parse_list(datasets, "--datasets") if datasets else None,
                 seeds=parse_seeds(seeds) if seeds else None, grid=parse_grid(grid), address=address,
                 quiet=quiet, echo=typer.echo)

@@ -34,14 +34,18 @@ class Conditioning:
         tokens, dim = self.null.shape
         return {"clip_dim": int(dim), "num_clip_token": int(tokens)}
 
-    def training(self, labels: Tensor, generator: torch.Generator, device: torch.device) -> Tensor:
-        """The batch's conditions with label dropout (p_uncond) for classifier-free guidance."""
+    def training(self, labels: Tensor, generator: torch.Generator, device: torch.device,
+                 rows: tuple[int, int] | None = None) -> Tensor:
+        """The batch's conditions with label dropout (p_uncond) for classifier-free guidance. `rows`
+        (offset, batch size): `labels` are those rows of a larger batch (a data-parallel worker's part),
+        and the dropout is drawn for the whole batch, so that it falls where it would in one process."""
         cond = labels.to(device)
         if self.kind == "class":
             cond = cond.long()
         if self.p_uncond <= 0:
             return cond
-        drop = (torch.rand(len(labels), generator=generator) < self.p_uncond).to(device)
+        offset, total = rows or (0, len(labels))
+        drop = (torch.rand(total, generator=generator) < self.p_uncond)[offset:offset + len(labels)].to(device)
         null = self.null.to(device=device, dtype=cond.dtype)
         if self.kind == "class":
             return torch.where(drop, null, cond)

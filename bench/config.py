@@ -263,7 +263,7 @@ NULLABLE_TYPES = {
     "sweep.storage": str,
 }
 # Keys that take an int or a float, kept as given (their defaults are ints).
-NUMBERS = ("sweep.cpus_per_trial", "train.max_seconds")
+NUMBERS = ("sweep.cpus_per_trial", "train.max_seconds", "train.cpus_per_worker")
 # Closed sets of values.
 CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"), "train.ema_ramp": EMA_RAMPS,
@@ -280,7 +280,7 @@ MINIMUM = {
     "data.resolution": (1, True), "data.limit": (1, True), "data.num_workers": (0, True), "data.p_uncond": (0, True),
     "eval.fid_batch_size": (1, True), "eval.loss_buckets": (0, True), "eval.loss_images": (1, True),
     "eval.reference_per_class": (1, True), "eval.reference_limit": (2, True), "sweep.cpus_per_trial": (0, False),
-    "sweep.gpus_per_trial": (0, True),
+    "sweep.gpus_per_trial": (0, True), "train.num_workers": (1, True), "train.cpus_per_worker": (0, False),
 }
 # Upper bounds: (bound, inclusive).
 MAXIMUM = {
@@ -400,6 +400,9 @@ def validate(cfg: dict) -> None:
     t, s, d = cfg["train"], cfg["sample"], cfg["data"]
     if len(t["betas"]) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t["betas"]):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t['betas']}")
+    if t["batch_size"] % t["num_workers"]:
+        raise ConfigError(f"train.batch_size={t['batch_size']} does not split evenly over train.num_workers="
+                          f"{t['num_workers']} workers; use a batch size divisible by the worker count")
     from backbones import BACKBONES
     from bench.diffusion import SAMPLERS
 
@@ -421,7 +424,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"methods.{cfg['run']['method']} (bench.yaml or --set method.KEY=...): {err}") from None
     from bench.thresholds import check_thresholds
 
-    check_thresholds(cfg, method, [s["threshold"], getattr(method, "threshold", None)])
+    check_thresholds(cfg, method, [s["threshold"], method.threshold])
     if cfg["eval"]["fid"] and s["n_samples"] < 2:
         raise ConfigError(f"eval.fid needs sample.n_samples >= 2 (a covariance of one image is undefined); got "
                           f"{s['n_samples']}")
@@ -437,7 +440,8 @@ def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train"
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
     relevant = {key: cfg[key] for key in sections}
     # Bookkeeping that does not change the trained weights stays out of the hash.
-    cosmetic = {"train": ("log_every", "ckpt_every", "progress"), "data": ("num_workers", "preload", "download")}
+    cosmetic = {"train": ("log_every", "ckpt_every", "progress", "num_workers", "cpus_per_worker"),
+                "data": ("num_workers", "preload", "download")}
     for section, keys in cosmetic.items():
         if section in relevant:
             relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}

@@ -30,7 +30,7 @@ from bench.config import load_config, resolve
 from bench.diffusion import SAMPLERS, NoiseSource
 from bench.engine import EarlyExitModel
 from bench.sample import gflops_per_call
-from bench.setup import build_model, build_schedule, image_geometry, resolve_device
+from bench.setup import build_model, build_schedule, image_geometry, prepare_dataset, resolve_device
 from methods import build_method
 
 # (label, method, threshold): what is timed at every batch size. With random weights DeeDiff's and
@@ -135,7 +135,7 @@ def sampling_rows(models: dict, batch_sizes: list[int], steps: int, repeats: int
             _, method, model = models[name]
             record = engines[label].record
             blocks_full = len(torch.cat(record.exit_blocks)) * model.backbone.num_exits
-            decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
+            decide = method.decide_gmacs(model) if threshold is not None else None
             gmacs = gflops_per_call(flops, record, decide)
             spread = _spread([t / batch for t in times[label]])
             rows.append({"kind": "sampling", "case": label, "method": name,
@@ -234,6 +234,7 @@ def run_perf(batch_sizes: list[int], *, steps: int = 10, repeats: int = 5, backb
     from bench.store import append_rows, provenance
 
     dev = resolve_device(device)
+    prepare_dataset(dataset)  # a latent dataset's stand-in, for its geometry
     names = sorted({name for _, name, _ in SAMPLING_CASES} | set(TRAINING_METHODS))
     models = _models(backbone, dataset, kwargs or {}, dev, init, names)
     rows = sampling_rows(models, batch_sizes, steps, repeats, dev, precision, echo)

@@ -23,8 +23,9 @@ class UnknownNameError(UserError, KeyError):
 class Registry(Generic[T]):
     """A name -> object mapping with one-line descriptions and helpful errors."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, base: type | None = None):
         self.kind = kind
+        self.base = base  # what every registered class must derive from (None: anything goes)
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
 
@@ -32,6 +33,9 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise TypeError(f"{self.kind} {name!r}: {obj!r} must be a subclass of {self.base.__module__}."
+                                f"{self.base.__name__}, which declares every hook the harness calls")
             self._items[name] = obj
             doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
             self._help[name] = help or (doc[0] if doc else "")

@@ -18,7 +18,7 @@ from bench.conditioning import build_conditioning
 from bench.checkpoint import check_identity, checkpoint_dir, load_checkpoint, load_weights_into
 from bench.config import config_hash
 from bench.sample import generate, gflops_per_call, save_grid
-from bench.setup import build_model, build_schedule, image_geometry, resolve_device
+from bench.setup import build_model, build_schedule, image_geometry, prepare_data, resolve_device
 from bench.store import append_row, has_cell, provenance
 from bench.thresholds import check_thresholds
 from bench.train import has_extras, train, weights_config
@@ -49,12 +49,13 @@ def scale_label(cfg: dict, device: torch.device) -> str:
 def default_threshold(cfg: dict, method) -> float | None:
     """sample.threshold if set, else the method's own `threshold` hyper-parameter (None: full depth)."""
     value = cfg["sample"]["threshold"]
-    return getattr(method, "threshold", None) if value is None else value
+    return method.threshold if value is None else value
 
 
 def run(cfg: dict, *, progress: bool = True, force: bool = False) -> dict:
     """Train (or reuse), then evaluate at the configured threshold; returns the row."""
     check_results(Path(cfg["run"]["results"]))  # a damaged results file: stop before training, not after
+    prepare_data(cfg)
     tick = time.perf_counter()
     checkpoint = train(cfg, progress=progress)
     train_seconds = time.perf_counter() - tick
@@ -81,6 +82,7 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     """Sample at each threshold (None = full depth, measured first as the reference); one row each."""
     r, s = cfg["run"], cfg["sample"]
     check_results(Path(r["results"]))  # a damaged results file stops the run before anything is measured
+    prepare_data(cfg)
     device = resolve_device(r["device"])
     method = build_method(r["method"], cfg["method"])
     model = build_model(cfg, method)
@@ -183,7 +185,8 @@ class LatentPipeline:
 
 def latent_pipeline(cfg: dict, device: torch.device) -> LatentPipeline | None:
     """None for a pixel-space dataset; else the autoencoder recorded with the prepared latents."""
-    from bench.data import is_latent, latent_codec, latent_description
+    from bench.data import is_latent, latent_description
+    from bench.latent.autoencoder import latent_codec
 
     d = cfg["data"]
     if not is_latent(d["name"]):
@@ -238,14 +241,14 @@ def _store_layer_errors(cfg: dict, model, method, schedule, shape, device, run_i
                                    device=device, **s["options"])
     append_rows(Path(cfg["run"]["results"]) / "layer_mse.csv", probe.as_rows(run_id), force=True,
                 key=("run_id", "call"))
-    if hasattr(method, "uncertainty_maps"):
-        import numpy as np
+    import numpy as np
 
-        from bench.atomic import atomic_write
-        from bench.evaluate.trajectory import uncertainty_snapshots
+    from bench.atomic import atomic_write
+    from bench.evaluate.trajectory import uncertainty_snapshots
 
-        calls = torch.linspace(0, len(probe.inputs) - 1, min(5, len(probe.inputs))).round().long().unique()
-        snapshots = uncertainty_snapshots(method, model, [probe.inputs[c] for c in calls.tolist()], cond=cond)
+    calls = torch.linspace(0, len(probe.inputs) - 1, min(5, len(probe.inputs))).round().long().unique()
+    snapshots = uncertainty_snapshots(method, model, [probe.inputs[c] for c in calls.tolist()], cond=cond)
+    if snapshots is not None:  # a method with uncertainty maps (DeeDiff)
         atomic_write(Path(cfg["run"]["results"]) / "uncertainty" / f"{run_id}.npz",
                      lambda f: np.savez_compressed(f, calls=calls.numpy(), **snapshots))
 
@@ -274,7 +277,7 @@ def _measure(model, method, schedule, cfg, threshold, *, shape, device, flops, p
     trajectory = TrajectoryRecorder()
     images, stats = generate(model, schedule, sample_cfg, cfg["run"]["seed"], shape, device, progress=progress,
                              method=method, callback=trajectory, conditioning=conditioning, decode=decode)
-    decide = method.decide_gmacs(model) if threshold is not None and hasattr(method, "decide_gmacs") else None
+    decide = method.decide_gmacs(model) if threshold is not None else None
     gflops = gflops_per_call(flops, stats["record"], decide) if flops else None
     return {"images": images, "gflops": gflops, "trajectory": trajectory, **stats}
 

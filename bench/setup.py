@@ -28,6 +28,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def prepare_dataset(name: str, path=None) -> None:
+    """Make what a dataset needs before anything reads it: a latent dataset without a path gets its
+    stand-in layout, prepared once into the cache (bench.latent.standin). The commands that train,
+    sample or sweep call this when they start; everything that only reads (checksums, dataset info,
+    `bench config`) never prepares anything and fails with a clear error instead."""
+    from bench.data import DATASETS
+
+    if DATASETS.get(name).info.latent and path is None:
+        from bench.latent.standin import ensure_standin
+
+        ensure_standin(name)
+
+
+def prepare_data(cfg: dict) -> None:
+    """prepare_dataset for the run's dataset."""
+    prepare_dataset(cfg["data"]["name"], cfg["data"]["path"])
+
+
 def build_train_dataset(cfg: dict):
     """The training images of the configured dataset (flips happen in the training loop)."""
     from bench.data import build_dataset

@@ -10,7 +10,7 @@ starts no Ray at all. A threshold sweep first trains the checkpoints it lacks (o
 method), then runs one trial per threshold; every trial measures the full-depth model in its own
 process before its threshold (bench.run.evaluate), so each row's speed-up compares like with like.
 
-Without --address a private Ray runtime starts on this machine: its servers listen on 127.0.0.1
+Without --address a private Ray runtime starts on this machine (bench.ray_runtime): its servers listen on 127.0.0.1
 only and it asks for a random token (ray_runtime). With --address the trials spread over an
 existing cluster; the results and runs folders must then be on a filesystem every node shares.
 """
@@ -20,11 +20,11 @@ import itertools
 import os
 import secrets
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import ConfigError, load_config, parse_override, resolve
+from bench.ray_runtime import ray_runtime
 from bench.thresholds import check_thresholds, parse_thresholds  # noqa: F401  (the command line's grammar)
 
 Echo = Callable[[str], Any]
@@ -120,7 +120,7 @@ def resolve_cells(config: str | Path | None, run: dict | None, overrides: list[s
 def method_thresholds(method) -> list[float | None]:
     """The method's grid: methods.<name>.thresholds of bench.yaml (build_method puts it in
     default_thresholds), else the plugin's own; a method without exits gets full depth only."""
-    return list(getattr(method, "default_thresholds", ()) or ()) or [None]
+    return list(method.default_thresholds) or [None]
 
 
 def _item(cfg: dict, **extra) -> dict:
@@ -145,6 +145,7 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     Returns {cell label: the trial's metrics}; raises SweepError after all trials if any failed.
     """
     from bench.run import skip_stored
+    from bench.setup import prepare_data
     from methods import build_method
 
     plan, to_train = {}, {}
@@ -152,6 +153,7 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     by_checkpoint: dict[Path, str] = {}
     cells = resolve_cells(config, run, overrides, methods=methods)
     for label, cfg in cells:
+        prepare_data(cfg)  # before any trial reads it (a latent dataset's stand-in)
         method = build_method(cfg["run"]["method"], cfg["method"])
         grid = list(thresholds) if thresholds is not None else method_thresholds(method)
         check_thresholds(cfg, method, grid)
@@ -176,7 +178,8 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
     with ray_runtime(address, echo) as cluster:
         settings = _trial_settings(cells[0][1], cluster, local=address is None, echo=echo)
         if to_train:
-            trained = _run_trials("train", _train_trial, to_train, settings, quiet, echo)
+            trained = _run_trials("train", _train_trial, to_train,
+                                  _train_settings(cells[0][1], cluster, local=address is None, echo=echo), quiet, echo)
             failures.update({k: v for k, v in trained.items() if isinstance(v, str)})
             plan = {k: v for k, v in plan.items() if trainer.get(v["method"], v["method"]) not in failures}
         outcome = _run_trials("thresholds", _threshold_trial, plan, settings, quiet, echo) if plan else {}
@@ -198,7 +201,10 @@ def sweep_train(config: str | Path | None = None, run: dict | None = None, overr
     """Train every configuration of the grid that has no final checkpoint yet, one trial each."""
     plan, seen = {}, {}
     cells = resolve_cells(config, run, overrides, methods=methods, datasets=datasets, seeds=seeds, grid=grid)
+    from bench.setup import prepare_data
+
     for label, cfg in cells:
+        prepare_data(cfg)
         checkpoint = _checkpoint(cfg)
         if checkpoint.exists():
             echo(f"{label}: already trained ({checkpoint})")
@@ -211,7 +217,7 @@ def sweep_train(config: str | Path | None = None, run: dict | None = None, overr
         echo("nothing to train: every configuration has its final checkpoint")
         return {}
     with ray_runtime(address, echo) as cluster:
-        settings = _trial_settings(cells[0][1], cluster, local=address is None, echo=echo)
+        settings = _train_settings(cells[0][1], cluster, local=address is None, echo=echo)
         outcome = _run_trials("train", _train_trial, plan, settings, quiet, echo)
     done = {k: v for k, v in outcome.items() if not isinstance(v, str)}
     for label, m in done.items():
@@ -264,115 +270,6 @@ def _threshold_trial(config: dict, plan: dict) -> None:
                  "seconds_per_image": row["seconds_per_image"], "stored": int(bool(row["stored"]))})
 
 
-# ---- Ray ----------------------------------------------------------------------------------
-
-# A private local runtime. Ray 2.60 turns a `_node_ip_address` of 127.0.0.1 into the machine's
-# routable address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is off (ray._private.services.
-# get_node_ip_address); with it off, the GCS, raylets and workers bind 127.0.0.1 only.
-# address="local" always starts a new runtime (never one found through RAY_ADDRESS or `ray start`).
-LOCAL_INIT = {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
-              "log_to_driver": True, "logging_level": "warning"}
-_TOKEN: str | None = None  # one per process: Ray caches the token it first read
-
-
-def _local_env() -> dict[str, str]:
-    """Environment for a private runtime: loopback only, and token authentication with a random token
-    kept in the environment (inherited by Ray's processes) rather than written to ~/.ray/auth_token."""
-    global _TOKEN
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    if "RAY_AUTH_MODE" not in os.environ:  # a user's explicit choice (token or disabled) stands
-        env["RAY_AUTH_MODE"] = "token"
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-            _TOKEN = _TOKEN or secrets.token_hex(32)
-            env["RAY_AUTH_TOKEN"] = _TOKEN
-    return env
-
-
-@contextmanager
-def ray_runtime(address: str | None, echo: Echo = print):
-    """A running Ray: joins `address`, or starts a private local runtime and shuts it down afterwards.
-
-    Yields {"cpus", "gpus"} of the cluster. A runtime this process already started is used as it is.
-    """
-    import ray
-
-    ray_constants = ray_private()["constants"]
-    if ray.is_initialized():
-        yield _cluster_info(ray)
-        return
-    saved_env = {key: os.environ.get(key) for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE",
-                                                      "RAY_AUTH_TOKEN")}
-    saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
-    tick = time.perf_counter()
-    try:
-        if address:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, log_to_driver=True, logging_level="warning")
-            except ConnectionError as err:
-                raise ConnectionError(f"could not join the Ray cluster at {address!r}: {err}") from None
-        else:
-            os.environ.update(_local_env())
-            _reload_auth_settings()
-            ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init resolves 127.0.0.1 (see LOCAL_INIT)
-            ray.init(**LOCAL_INIT)
-        info = _cluster_info(ray)
-        where = f"cluster at {address}" if address else "local, 127.0.0.1 only"
-        echo(f"Ray {ray.__version__} ready in {time.perf_counter() - tick:.1f} s ({where}; "
-             f"{info['cpus']:g} CPUs, {info['gpus']:g} GPUs)")
-        yield info
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_flag
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not address:
-            _reload_auth_settings()
-
-
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail at once for a host:port nobody listens on (ray.init would retry for minutes)."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto", "ray://..." (Ray Client) and other forms: left to ray.init
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise ConnectionError(f"could not reach the Ray cluster at {address!r} ({err}); start it with "
-                              f"`ray start --head` there, or leave --address out to run on this machine") from None
-
-
-def ray_private() -> dict:
-    """Everything of Ray's private API this harness uses, in one place (Ray has no public setting for
-    either): `constants.ENABLE_RAY_CLUSTER`, which keeps a local runtime on 127.0.0.1 (see LOCAL_INIT),
-    and the auth-token `Config` and `AuthenticationTokenLoader`, which re-read RAY_AUTH_MODE and the
-    token. tests/test_sweep.py checks that they exist, so that a Ray upgrade that moves them fails there,
-    loudly, rather than silently leaving the runtime on a routable address or without its token."""
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    return {"constants": ray_constants, "config": Config, "token_loader": AuthenticationTokenLoader}
-
-
-def _reload_auth_settings() -> None:
-    """Ray reads RAY_AUTH_MODE and the token once, at import: make it read them again (as ray.init does
-    for its own default in ray._private.authentication.authentication_token_setup._enable_token_auth)."""
-    private = ray_private()
-    private["config"].initialize("")
-    private["token_loader"].instance().reset_cache()
-
-
-def _cluster_info(ray) -> dict:
-    resources = ray.cluster_resources()
-    return {"cpus": float(resources.get("CPU", 0)), "gpus": float(resources.get("GPU", 0))}
-
-
 def check_sweep_section(cfg: dict) -> None:
     """The `sweep` section's values, checked before any Ray starts."""
     s = cfg["sweep"]
@@ -414,6 +311,29 @@ def _trial_settings(cfg: dict, cluster: dict, *, local: bool, echo: Echo) -> dic
             "device": "cpu" if resources["gpu"] == 0 and device == "auto" else device}
 
 
+def _train_settings(cfg: dict, cluster: dict, *, local: bool, echo: Echo) -> dict:
+    """Training trials' settings. One process per trial (train.num_workers 1) as any trial's; with
+    train.num_workers > 1 a trial is a Ray Train run (bench.distributed): the trial itself reserves
+    nothing, its workers reserve train.cpus_per_worker CPUs each and, on GPUs, one GPU each, and on this
+    machine only as many trials run at once as their workers fit (a cluster queues them itself)."""
+    workers = cfg["train"]["num_workers"]
+    if workers == 1:
+        return _trial_settings(cfg, cluster, local=local, echo=echo)
+    from bench.distributed import worker_resources
+
+    check_sweep_section(cfg)
+    per_worker = worker_resources(cfg, cluster, cfg["run"]["device"])
+    need = workers * per_worker["cpu"]
+    if local and need > cluster["cpus"]:
+        raise ConfigError(f"train.num_workers={workers} workers of train.cpus_per_worker={per_worker['cpu']:g} CPUs "
+                          f"need {need:g} CPUs per trial; this machine offers Ray {cluster['cpus']:g}")
+    storage = cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray"
+    # Tune refuses an empty request: the trial asks for a token 1 MiB of memory, no CPU or GPU
+    return {"resources": {"cpu": 0, "gpu": 0, "memory": 2**20}, "storage": str(Path(storage).resolve()), "threads": 1,
+            "device": cfg["run"]["device"], "workers": (workers, per_worker),
+            "max_concurrent": max(1, int(cluster["cpus"] // need)) if local else None}
+
+
 def _run_trials(kind: str, trainable, plan: dict[str, dict], settings: dict, quiet: bool,
                 echo: Echo) -> dict[str, dict | str]:
     """One Tune trial per plan entry; returns {label: metrics} or {label: error text}."""
@@ -424,12 +344,17 @@ def _run_trials(kind: str, trainable, plan: dict[str, dict], settings: dict, qui
         item["cfg"] = {**item["cfg"], "run": {**item["cfg"]["run"], "device": settings["device"]}}
     name = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     res = settings["resources"]
-    echo(f"{kind}: {len(plan)} trial(s), {res['cpu']:g} CPU and {res['gpu']:g} GPU each; Tune state in "
-         f"{settings['storage']}/{name}")
+    if "workers" in settings:
+        workers, per_worker = settings["workers"]
+        each = f"{workers} Ray Train workers each ({per_worker['cpu']:g} CPU and {per_worker['gpu']} GPU per worker)"
+    else:
+        each = f"{res['cpu']:g} CPU and {res['gpu']:g} GPU each"
+    echo(f"{kind}: {len(plan)} trial(s), {each}; Tune state in {settings['storage']}/{name}")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, plan=plan), settings["resources"]),
         param_space={"cell": tune.grid_search(list(plan))},
-        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: f"{kind}_{trial.trial_id}"),
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: f"{kind}_{trial.trial_id}",
+                                    max_concurrent_trials=settings.get("max_concurrent")),
         run_config=tune.RunConfig(name=name, storage_path=settings["storage"], verbose=0 if quiet else 1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )

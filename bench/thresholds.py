@@ -33,7 +33,7 @@ def parse_thresholds(text: str) -> list[float | None]:
 def check_thresholds(cfg: dict, method, thresholds: list) -> None:
     """Every threshold a finite number inside the method's exit-signal range (None: full depth)."""
     # a range that the backbone sets (static exits: 0 .. its blocks - 1) is checked once the method is attached
-    low_high = None if getattr(method, "range_pending", False) else getattr(method, "threshold_range", None)
+    low_high = None if method.range_pending else method.threshold_range
     for t in thresholds:
         if t is None:
             continue
@@ -41,4 +41,4 @@ def check_thresholds(cfg: dict, method, thresholds: list) -> None:
             raise ConfigError(f"threshold {t!r} of {cfg['run']['method']} is not a finite number (or 'full' for full depth)")
         if low_high is not None and not low_high[0] <= t <= low_high[1]:
             raise ConfigError(f"threshold {t} is outside the range of {cfg['run']['method']}'s exit signal "
-                              f"[{low_high[0]}, {low_high[1]}] ({getattr(method, 'signal', '')})")
+                              f"[{low_high[0]}, {low_high[1]}] ({method.signal})")

@@ -20,8 +20,9 @@ from bench.checkpoint import (atomic_save, check_identity, checkpoint_dir, load_
                               load_weights_into)
 from bench.conditioning import build_conditioning
 from bench.config import config_hash, resolve_for
+from bench.distributed import World
 from bench.errors import DataError, RunBusyError, UserError
-from bench.setup import build_model, build_schedule, build_train_dataset, resolve_device
+from bench.setup import build_model, build_schedule, build_train_dataset, prepare_data, resolve_device
 from methods import build_method
 
 
@@ -34,14 +35,17 @@ def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Batches of indices for steps start..end-1: a fresh permutation per epoch, seeded by (seed, epoch)."""
+    """Batches of indices for steps start..end-1: a fresh permutation per epoch, seeded by (seed, epoch).
+    `share` (lo, hi): only those rows of each batch, a data-parallel worker's part (bench.distributed)."""
 
-    def __init__(self, n_items: int, batch_size: int, seed: int, start: int, end: int):
+    def __init__(self, n_items: int, batch_size: int, seed: int, start: int, end: int,
+                 share: tuple[int, int] | None = None):
         if n_items < batch_size:
             raise DataError(f"the dataset has {n_items} images, fewer than train.batch_size={batch_size}; "
                             f"lower train.batch_size or use more images")
         self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
         self.start, self.end = start, end
+        self.share = share or (0, batch_size)
         self.per_epoch = n_items // batch_size  # drop the last partial batch
 
     def __len__(self) -> int:
@@ -54,7 +58,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 epoch = step // self.per_epoch
                 perm = torch.randperm(self.n_items, generator=_step_generator(self.seed, epoch, salt=1))
             offset = (step % self.per_epoch) * self.batch_size
-            yield perm[offset:offset + self.batch_size].tolist()
+            lo, hi = self.share
+            yield perm[offset + lo:offset + hi].tolist()
 
 
 def preload(dataset, num_workers: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,16 +164,18 @@ def weights_config(cfg: dict) -> dict:
     return cfg if source is None else resolve_for(cfg, source)
 
 
-def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None) -> Path:
+def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None, address: str | None = None) -> Path:
     """Train (or resume) the run that `cfg` describes; returns its final checkpoint.
 
     `stop_at` ends the call after that many steps in all, leaving a resumable checkpoint
     (used to test resumption). A finished run with the same resolved config is reused.
     A method that evaluates another method's weights trains (or reuses) that method's run.
+    With train.num_workers > 1 the steps run data-parallel on Ray Train (bench.distributed), on a
+    private local Ray runtime or on the cluster at `address`.
     """
     source = weights_config(cfg)
     if source is not cfg:
-        return train(source, stop_at=stop_at, progress=progress)
+        return train(source, stop_at=stop_at, progress=progress, address=address)
     run_dir = checkpoint_dir(cfg)
     if (run_dir / "final.pt").exists():
         return run_dir / "final.pt"
@@ -177,6 +184,11 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     with _run_lock(run_dir):
         if (run_dir / "final.pt").exists():  # finished by another trainer since the check above
             return run_dir / "final.pt"
+        if cfg["train"]["num_workers"] > 1:
+            from bench.distributed import train_data_parallel
+
+            show = cfg["train"]["progress"] if progress is None else progress
+            return train_data_parallel(cfg, run_dir, stop_at, show, address=address)
         return _train(cfg, run_dir, stop_at, progress)
 
 
@@ -202,11 +214,16 @@ def _run_lock(run_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None) -> Path:
-    """The training loop of `train`, run while holding the run folder's lock."""
+def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None, *,
+           world: World | None = None, device: torch.device | None = None) -> Path:
+    """The training loop of `train`, run while holding the run folder's lock, in one process or as one
+    of `world.size` data-parallel workers (bench.distributed: rows lo..hi of every batch; rank 0 writes)."""
     t_cfg, seed = cfg["train"], cfg["run"]["seed"]
     final, last = run_dir / "final.pt", run_dir / "last.pt"
-    device = resolve_device(cfg["run"]["device"])
+    world = world or World()
+    device = device or resolve_device(cfg["run"]["device"])
+    prepare_data(cfg)  # a stand-in dataset is made once (every worker waits for the first through its lock)
+    lo, hi = world.share(t_cfg["batch_size"])
 
     dataset = build_train_dataset(cfg)
     conditioning = build_conditioning(cfg)
@@ -225,12 +242,11 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None)
         loaded = set(state.get("loaded_from_init", []))
     else:
         start = 0
-        if cfg["model"]["init_from"] and not getattr(method, "from_scratch", False):
+        if cfg["model"]["init_from"] and not method.from_scratch:
             # another method's modules in the file (a DeeDiff checkpoint as a static model's start) are left out
             loaded = load_weights_into(model, cfg["model"]["init_from"], drop_extras=True)
-        if hasattr(method, "prepare"):  # a change of the model before the first step (pruning), made once
-            images, cond = calibration_batch(dataset, getattr(method, "calibration_size", t_cfg["batch_size"]), seed,
-                                             device, conditioning)
+        if method.prepare_images:  # a change of the model before the first step (pruning), made once
+            images, cond = calibration_batch(dataset, method.prepare_images, seed, device, conditioning)
             extra = {} if cond is None else {"cond": cond}  # methods for unconditional models need not take it
             method.prepare(model, images, schedule, _step_generator(seed, 0, salt=3), **extra)
         load_state_into(ema, model.state_dict())
@@ -241,11 +257,12 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None)
         optimizer.load_state_dict(state["optimizer"])
 
     log_path = run_dir / "loss.csv"
-    _truncate_log(log_path, start)
+    if world.is_main:
+        _truncate_log(log_path, start)
     joint = t_cfg["steps"]  # steps of the method's own objective; then the exit modules' calibration
     total = joint + (t_cfg["exit_calibration_steps"] if has_extras(model) else 0)
     end = total if stop_at is None else min(stop_at, total)
-    sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end)
+    sampler = StepBatchSampler(len(dataset), t_cfg["batch_size"], seed, start, end, share=(lo, hi))
     if cfg["data"]["preload"]:
         images, labels = preload(dataset, cfg["data"]["num_workers"], device)
         loader = ((_as_model_input(images[idx]), labels[idx]) for idx in map(torch.tensor, sampler))
@@ -255,39 +272,43 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None)
     started = time.perf_counter()
     out_of_time = False
     show = t_cfg["progress"] if progress is None else progress
-    bar = _progress(show, start, total, f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
+    bar = _progress(show and world.is_main, start, total, f"train {cfg['run']['method']} on {cfg['run']['dataset']}")
     model.train()
     tick, images_since = time.perf_counter(), 0
     deadline = time.perf_counter() + t_cfg["max_seconds"] if t_cfg["max_seconds"] > 0 else float("inf")
-    with open(log_path, "a", newline="") as log_file:
+    with open(log_path if world.is_main else os.devnull, "a", newline="") as log_file:
         log = csv.writer(log_file)
         for step, (x0, label) in zip(range(start, end), loader):
             if step >= joint and (step == joint or step == start):  # entering (or resuming) the calibration
                 begin_exit_calibration(model, ema)
             gen = _step_generator(seed, step)
             torch.manual_seed(seed * 1_000_003 + step)  # dropout and anything else on the global RNG
+            # every draw is made for the whole batch and sliced, so that workers see what one process would
+            batch = t_cfg["batch_size"]
             if cfg["data"]["flip"]:
-                flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+                flip = (torch.rand(batch, generator=gen) < 0.5)[lo:hi]
                 x0 = torch.where(flip[:, None, None, None].to(x0.device), x0.flip(-1), x0)
-            t = schedule.sample_train_time(x0.shape[0], generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
+            t = schedule.sample_train_time(batch, generator=gen)[lo:hi]
+            noise = torch.randn((batch, *x0.shape[1:]), generator=gen)[lo:hi]
             x0, noise = x0.to(device), noise.to(device)
             x_t = schedule.add_noise(x0, t, noise)
             model_t = schedule.model_time(t).to(device)
-            cond = None if conditioning is None else conditioning.training(label, gen, device)
+            cond = None if conditioning is None else conditioning.training(label, gen, device, rows=(lo, batch))
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(t_cfg, step) * group["lr_mult"]
             with _autocast(device, t_cfg["precision"]):
                 loss, logs = method.loss(model, x_t, model_t, noise, cond)
-            if not torch.isfinite(loss):
+            loss_all = world.mean(loss.detach())  # the whole batch's: every worker stops at the same step
+            if not torch.isfinite(loss_all):
                 saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
                 raise TrainingDiverged(  # steps counted from 1, as in loss.csv
-                    f"loss is {loss.item()} at step {step + 1} (lr {learning_rate(t_cfg, step):.2e}); lower train.lr, "
+                    f"loss is {loss_all.item()} at step {step + 1} (lr {learning_rate(t_cfg, step):.2e}); lower train.lr, "
                     f"raise train.warmup_steps or set train.grad_clip ({saved}; delete {run_dir} to start over "
                     f"with other settings, which make a new run folder anyway)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            world.average_gradients(model)
             if t_cfg["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"])
             optimizer.step()
@@ -295,18 +316,18 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None)
             if step >= joint:  # calibrated exit modules are used as they are, on the EMA backbone they were fitted to
                 ema.extras.load_state_dict(model.extras.state_dict())
 
-            images_since += x0.shape[0]
+            images_since += x0.shape[0] * world.size
             done = step + 1
             if done % t_cfg["log_every"] == 0 or done == end:
                 elapsed = time.perf_counter() - tick
                 rate = images_since / max(elapsed, 1e-9)
-                log.writerow([done, f"{loss.item():.6f}", f"{learning_rate(t_cfg, step):.3e}", f"{rate:.1f}"])
+                log.writerow([done, f"{loss_all.item():.6f}", f"{learning_rate(t_cfg, step):.3e}", f"{rate:.1f}"])
                 log_file.flush()
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss_all.item():.4f}", img_s=f"{rate:.0f}")
                 tick, images_since = time.perf_counter(), 0
             bar.update(1)
-            out_of_time = time.perf_counter() > deadline
-            if done % t_cfg["ckpt_every"] == 0 or done == end or out_of_time:
+            out_of_time = deadline < float("inf") and world.any(time.perf_counter() > deadline)
+            if world.is_main and (done % t_cfg["ckpt_every"] == 0 or done == end or out_of_time):
                 _save_training_state(last, cfg, model, ema, optimizer, done, loaded)
             if out_of_time:  # a time budget ends the run here; the checkpoint says how far it got
                 end = done
@@ -315,8 +336,10 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None)
 
     if end < total and not out_of_time:
         return last
+    if not world.is_main:
+        return final
     atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": end,
-                 "seconds": round(time.perf_counter() - started, 1), "config": cfg,
+                 "seconds": round(time.perf_counter() - started, 1), "workers": world.size, "config": cfg,
                  "config_hash": config_hash(cfg)}, final)
     last.unlink(missing_ok=True)
     return final

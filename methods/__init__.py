@@ -7,8 +7,9 @@ import importlib
 import pkgutil
 
 from bench.registry import Registry
+from methods.base import Method
 
-METHODS: Registry = Registry("method")
+METHODS: Registry = Registry("method", base=Method)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in ("base", "common"):

@@ -1,6 +1,9 @@
-"""The method plugin interface (DESIGN.md): attach, loss, decide."""
+"""The method plugin interface (DESIGN.md): attach, loss, decide, and every other hook the harness
+calls, each declared here with a default, so that a plugin overrides what it needs and nothing is
+probed for with hasattr."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -31,6 +34,36 @@ class Method:
     # A method that evaluates another method's trained weights names it here (static exits of the
     # DeeDiff checkpoint, paper Table 5); training then trains (or reuses) that method's checkpoint.
     weights_from: str | None = None
+
+    # The operating point of `bench run` (methods.<name>.threshold); build_method sets it, the plugin
+    # only reads it. None: full depth.
+    threshold: float | None = None
+
+    # Training ignores model.init_from for a model trained from scratch (the small model, Table 4).
+    from_scratch = False
+
+    # > 0: training draws this many clean training images and calls `prepare` once, before the first
+    # step and before the optimizer is built (pruning changes the structure there).
+    prepare_images = 0
+
+    # Whether threshold_range still awaits the backbone (static's fixed schedule learns the depth in
+    # `attach`); the range is then checked again once the model is built.
+    range_pending = False
+
+    def prepare(self, model: "DiffusionModel", images: Tensor | list[Tensor], schedule,
+                generator: torch.Generator | None = None, cond: Tensor | None = None) -> None:
+        """A one-off change of the model before training (only called when prepare_images > 0)."""
+
+    def uncertainty_maps(self, model: "DiffusionModel", x_t: Tensor, model_t: Tensor,
+                         cond: Tensor | None = None) -> list[Tensor] | None:
+        """Each exit's per-pixel uncertainty map for one full pass (paper Fig. 4); None: the method
+        has no such maps, and evaluation stores none."""
+        return None
+
+    def decide_gmacs(self, model: "DiffusionModel") -> list[float] | None:
+        """GMACs per sample that `decide` adds after each block (counted in a row's GFLOPs); None:
+        deciding costs nothing worth counting (or the method never decides)."""
+        return None
 
     def row_options(self) -> dict:
         """Resolved hyper-parameters that result rows record in place of the configured ones (a null

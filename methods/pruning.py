@@ -319,7 +319,7 @@ class Pruning(Baseline):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"pruning: ratio must be in [0, 1), got {self.ratio}")
         self.thr = float(hp["thr"])
-        self.calibration_size = int(hp["calib_images"])  # train.py draws this many images for prepare
+        self.prepare_images = int(hp["calib_images"])  # train.py draws this many images for prepare
         self.max_steps = int(hp["max_steps"])
         self.stride = int(hp["stride"])
         if self.stride < 1 or self.max_steps < 1:

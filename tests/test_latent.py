@@ -15,12 +15,15 @@ import torch
 from PIL import Image
 
 import bench.latent.prepare as prep
-from bench.data import (build_dataset, dataset_checksum, dataset_info, latent_codec, reference_images,
-                        sampling_conditions, unconditional)
+from bench.data import (build_dataset, dataset_checksum, dataset_info, reference_images, sampling_conditions,
+                        unconditional)
+from bench.errors import DataError
 from bench.latent import (LayoutError, SpecError, is_finished, load_autoencoder, load_text_encoder,
                           read_meta, verify_layout)
+from bench.latent.autoencoder import latent_codec
 from bench.latent.images import center_crop_arr, center_crop_lanczos
 from bench.latent.standin import captions_for, prepare_standin
+from bench.setup import prepare_dataset
 
 DATA = Path(os.environ.get("BENCH_SHARED_DATA")
             or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -280,13 +283,24 @@ def small_standin(tmp_path, monkeypatch):
     import bench.latent.standin as standin
 
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(standin, "DEFAULT_N", 20)
-    monkeypatch.setattr(standin, "DEFAULT_VAL_N", 10)
+    monkeypatch.setitem(standin.STANDIN_DEFAULTS, "n", 20)
+    monkeypatch.setitem(standin.STANDIN_DEFAULTS, "val_n", 10)
+    prepare_dataset("imagenet256")  # what train, eval, run and sweeps do when they start
+    prepare_dataset("mscoco")
     return tmp_path / "cache"
 
 
+def test_reading_a_stand_in_never_prepares_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    for read in (lambda: dataset_checksum("imagenet256"), lambda: dataset_info("mscoco"),
+                 lambda: build_dataset("imagenet256")):
+        with pytest.raises(DataError, match=r"stand-in is not prepared yet.*bench prepare"):
+            read()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
 def test_standin_is_prepared_once_and_labelled(small_standin):
-    ds = build_dataset("imagenet256")  # no path: the stand-in, prepared into the cache
+    ds = build_dataset("imagenet256")  # no path: the stand-in the fixture prepared into the cache
     meta = read_meta(ds.path)
     assert meta["standin"].endswith("(not ImageNet)") and len(ds) == 20 and meta["num_classes"] == 10
     assert str(ds.path).startswith(str(small_standin)) and sorted(set(ds.labels)) == list(range(10))

@@ -18,8 +18,8 @@ def cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("latent_runs")
     mp.setenv("BENCH_CACHE", str(root / "cache"))
-    mp.setattr(standin, "DEFAULT_N", 24)
-    mp.setattr(standin, "DEFAULT_VAL_N", 8)
+    mp.setitem(standin.STANDIN_DEFAULTS, "n", 24)
+    mp.setitem(standin.STANDIN_DEFAULTS, "val_n", 8)
     yield root
     mp.undo()
 

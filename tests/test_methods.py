@@ -31,7 +31,7 @@ def _method_and_model(cfg):
     torch.manual_seed(0)
     method = build_method(cfg["run"]["method"], cfg["method"])
     model = build_model(cfg, method)
-    if hasattr(method, "prepare"):  # methods that change the backbone before training (pruning)
+    if method.prepare_images:  # methods that change the backbone before training (pruning)
         schedule = build_schedule(cfg)
         x0 = torch.rand(4, 1, 28, 28) * 2 - 1
         method.prepare(model, [x0], schedule)
@@ -84,3 +84,21 @@ def test_bench_run_every_method_on_the_tiny_profile(name, tmp_path):
     assert [r["threshold"] for r in rows] == ([""] if default is None else ["", str(default)])
     assert all(r["method"] == name for r in rows)
     assert all(0 < float(r["layer_ratio"]) <= 1 for r in rows)
+
+
+def test_registry_holds_only_method_subclasses_whose_hooks_have_defaults():
+    from bench.registry import Registry
+    from methods.base import Method
+
+    registry = Registry("method", base=Method)
+    with pytest.raises(TypeError, match=r"must be a subclass of methods\.base\.Method"):
+        registry.register("loose")(type("Loose", (), {}))
+
+    class Bare(Method):
+        """A plugin that declares nothing beyond the base."""
+
+    registry.register("bare")(Bare)
+    bare = registry.get("bare")()
+    assert bare.threshold is None and not bare.from_scratch and bare.prepare_images == 0 and not bare.range_pending
+    assert bare.uncertainty_maps(None, None, None) is None and bare.decide_gmacs(None) is None
+    assert bare.prepare(None, None, None) is None

@@ -46,7 +46,7 @@ def _pruned(kind: str, ratio: float = 0.3):
                          ids=["static", "static_time", "small", "pruning"])
 def test_training_step_and_sampling(name, hparams, kind):
     method, model, schedule = _build(name, kind, hparams)
-    if hasattr(method, "prepare"):
+    if method.prepare_images:
         method.prepare(model, [torch.rand(4, 1, 28, 28) * 2 - 1], schedule)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # after prepare: it holds the pruned parameters

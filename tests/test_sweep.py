@@ -138,7 +138,7 @@ def test_grid_values_may_hold_commas_inside_brackets():
 def test_the_private_ray_api_the_loopback_runtime_needs_is_still_there():
     """If a Ray upgrade moves these, the private runtime could listen on a routable address or lose its
     token: fail here, by name, rather than at a user's sweep."""
-    from bench.sweep import ray_private
+    from bench.ray_runtime import ray_private
 
     private = ray_private()
     assert isinstance(private["constants"].ENABLE_RAY_CLUSTER, bool)

@@ -20,7 +20,7 @@ from . import latents as _latents  # noqa: F401  (registers imagenet256, mscoco)
 from .core import (DATASETS, ArrayDataset, DatasetInfo, DatasetSpec, ImageDataset, celeba_crop_box,
                    class_balanced_subset, register_dataset)
 from .datasets import CIFAR10_CLASSES, embedded_mnist_path
-from .latents import (NULL_LABEL, latent_checksum, latent_codec, latent_description, latent_info, layout_meta,
+from .latents import (NULL_LABEL, latent_checksum, latent_description, latent_info, layout_meta,
                       reference_dir, reference_images, sampling_conditions, unconditional)
 from .sources import checksum, natural_key, open_source, resolve_path
 
@@ -28,7 +28,7 @@ __all__ = [
     "DATASETS", "DatasetInfo", "DatasetSpec", "ImageDataset", "ArrayDataset", "CIFAR10_CLASSES",
     "build_dataset", "dataset_info", "dataset_checksum", "class_balanced_subset",
     "celeba_crop_box", "register_dataset", "embedded_mnist_path", "natural_key", "open_source",
-    "NULL_LABEL", "sampling_conditions", "unconditional", "latent_codec", "latent_description", "latent_info",
+    "NULL_LABEL", "sampling_conditions", "unconditional", "latent_description", "latent_info",
     "layout_meta", "reference_dir", "reference_images", "is_latent",
 ]
 

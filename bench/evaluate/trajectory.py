@@ -100,12 +100,14 @@ def timestep_loss_rows(model, schedule, images: Tensor, buckets: int, seed: int,
 
 @torch.no_grad()
 def uncertainty_snapshots(method, model, probe_inputs: list[tuple[Tensor, Tensor]], keep: int = 4,
-                          cond: Tensor | None = None) -> dict:
-    """DeeDiff's per-exit uncertainty maps at chosen network calls (paper Fig. 4), as float16 arrays.
-    `cond`: the samples' conditions (the probe's), for a conditional model."""
+                          cond: Tensor | None = None) -> dict | None:
+    """DeeDiff's per-exit uncertainty maps at chosen network calls (paper Fig. 4), as float16 arrays;
+    None for a method without maps. `cond`: the samples' conditions (the probe's), for a conditional model."""
     maps, times, inputs = [], [], []
     for x, model_t in probe_inputs:
         per_exit = method.uncertainty_maps(model, x[:keep], model_t[:keep], None if cond is None else cond[:keep])
+        if per_exit is None:
+            return None
         maps.append(torch.stack(per_exit, 1).half().cpu())  # (keep, exits, C, H, W)
         times.append(float(model_t.float().mean()))
         inputs.append(x[:keep].half().cpu())

@@ -10,7 +10,7 @@ diffusers and transformers are imported only when a model is built. Reading prep
 datasets is ``bench.data`` (``imagenet256``, ``mscoco``).
 """
 from .autoencoder import COCO_SCALE, SD_SCALE, LatentCodec, SpecError, load_autoencoder
-from .layout import LayoutError, is_finished, read_meta, verify_layout
+from bench.data.layout import LayoutError, is_finished, read_meta, verify_layout
 from .text import TextEncoder, load_text_encoder
 
 
@@ -23,9 +23,9 @@ def prepare(dataset, source, out, **options):
 
 def prepare_standin(dataset, out_dir, n=None, **options):
     """See ``bench.latent.standin.prepare_standin``."""
-    from .standin import DEFAULT_N, prepare_standin as _prepare_standin
+    from .standin import STANDIN_DEFAULTS, prepare_standin as _prepare_standin
 
-    return _prepare_standin(dataset, out_dir, DEFAULT_N if n is None else n, **options)
+    return _prepare_standin(dataset, out_dir, STANDIN_DEFAULTS["n"] if n is None else n, **options)
 
 
 __all__ = ["LatentCodec", "TextEncoder", "load_autoencoder", "load_text_encoder", "prepare", "prepare_standin",

@@ -208,3 +208,19 @@ def load_autoencoder(spec: str, *, scale: float | None = None, posterior: str = 
     s = float(scale if scale is not None else vae.config.get("scaling_factor", SD_SCALE))
     return LatentCodec(vae, spec=spec, scale=s, label=label, random_init=kind == "random",
                        posterior=posterior, batch_size=batch_size).to(device)
+
+
+def latent_codec(name: str, path=None, device: str | torch.device = "cpu"):
+    """The LatentCodec that encoded dataset ``name``'s layout (same spec, scale and posterior), checked
+    against the recorded weight fingerprint so that samples decode with the autoencoder the data came from."""
+    from bench.data import layout_meta
+    from bench.data.latents import layout_path
+    from bench.data.layout import LayoutError
+
+    ae = layout_meta(name, path)["autoencoder"]
+    codec = load_autoencoder(ae["spec"], scale=ae["scale"], posterior=ae.get("posterior", "mean"), device=device)
+    if codec.fingerprint != ae["fingerprint"]:
+        raise LayoutError(f"dataset {name!r}: the autoencoder {ae['spec']!r} loaded now has other weights "
+                          f"than the one that encoded {layout_path(name, path)} (fingerprint "
+                          f"{codec.fingerprint[:12]} != {ae['fingerprint'][:12]})")
+    return codec

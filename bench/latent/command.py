@@ -79,11 +79,11 @@ def prepare_command(dataset: str, out: str | os.PathLike, source: str | os.PathL
     common = dict(scale=parse_scale(scale), dtype=dtype, batch_size=batch_size, device=device,
                   overwrite=overwrite, progress=progress)
     if standin:
-        from .standin import DEFAULT_N, DEFAULT_VAL_N
+        from .standin import STANDIN_DEFAULTS
 
-        opts = dict(n=n or DEFAULT_N, autoencoder=autoencoder or "random:tiny", **common)
+        opts = dict(n=n or STANDIN_DEFAULTS["n"], autoencoder=autoencoder or "random:tiny", **common)
         if dataset == "mscoco":
-            opts.update(text_encoder=text_encoder or "random:tiny", val_n=val_limit or DEFAULT_VAL_N)
+            opts.update(text_encoder=text_encoder or "random:tiny", val_n=val_limit or STANDIN_DEFAULTS["val_n"])
         return prepare(dataset, None, out, **opts)
     from .prepare import DEFAULT_AUTOENCODER, DEFAULT_TEXT_ENCODER
 

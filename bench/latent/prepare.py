@@ -37,7 +37,7 @@ import torch
 from bench.config import ConfigError
 from .autoencoder import COCO_SCALE, SD_SCALE, LatentCodec, load_autoencoder
 from .images import RESOLUTION, CocoIndex, CroppedImages, imagenet_files, listing_checksum
-from .layout import REFERENCE_DIR, LayoutWriter, write_json
+from bench.data.layout import REFERENCE_DIR, LayoutWriter, write_json
 
 NULL_LABEL = 1000  # U-ViT: labels 0..999, the null label of classifier-free guidance is 1000
 TOKENS = 77

@@ -12,24 +12,22 @@ so every code path runs; their numbers say nothing about ImageNet or COCO, and m
 - mscoco stand-in: ``n`` training digits with five captions each from templates ("a photo of the
   handwritten digit seven", ...), and ``val_n`` other digits as validation captions and FID reference.
 
-Without a path, the ``imagenet256`` and ``mscoco`` datasets prepare their stand-in once into
-``<cache>/standin/<dataset>-<hash>`` ($BENCH_CACHE or ~/.cache/eebench), keyed by these options.
+Without a path, the ``imagenet256`` and ``mscoco`` datasets read their stand-in from
+``<cache>/standin/<dataset>-<hash>`` ($BENCH_CACHE or ~/.cache/eebench), keyed by these options
+(``bench.data.latents.standin_dir``); ``ensure_standin`` prepares it there once, when a command
+starts (``bench.setup.prepare_dataset``) or by ``bench prepare <dataset> --standin``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from bench.data.latents import STANDIN_DEFAULTS, STANDIN_VERSION, standin_dir
+from bench.data.layout import is_finished
 from bench.errors import DataError
-from .layout import FORMAT, is_finished
 
-STANDIN_VERSION = 2  # bump when the stand-in's content changes
-DEFAULT_N = 300
-DEFAULT_VAL_N = 100
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
     "a photo of the handwritten digit {word}",
@@ -82,9 +80,9 @@ def _source_meta() -> dict:
             "crop": "28 -> 256 BICUBIC upscale, grey repeated to RGB (no crop)"}
 
 
-def prepare_standin(dataset: str, out_dir: str | os.PathLike, n: int = DEFAULT_N, *,
+def prepare_standin(dataset: str, out_dir: str | os.PathLike, n: int | None = None, *,
                     autoencoder: str = "random:tiny", text_encoder: str = "random:tiny",
-                    val_n: int = DEFAULT_VAL_N, scale: float | str | None = None, dtype: str = "float32",
+                    val_n: int | None = None, scale: float | str | None = None, dtype: str = "float32",
                     batch_size: int = 50, device: str = "cpu", overwrite: bool = False,
                     progress: bool = False) -> Path:
     """Write the stand-in layout of ``dataset`` (imagenet256 | mscoco) to ``out_dir`` and return it.
@@ -99,6 +97,8 @@ def prepare_standin(dataset: str, out_dir: str | os.PathLike, n: int = DEFAULT_N
 
     if dataset not in STANDIN_TEXT:
         raise DataError(f"no stand-in for {dataset!r}; valid: {', '.join(STANDIN_TEXT)}")
+    n = STANDIN_DEFAULTS["n"] if n is None else n
+    val_n = STANDIN_DEFAULTS["val_n"] if val_n is None else val_n
     dev = resolve_device(device)
     codec = load_autoencoder(autoencoder, device=dev)
     src = _source_meta()
@@ -129,20 +129,10 @@ def prepare_standin(dataset: str, out_dir: str | os.PathLike, n: int = DEFAULT_N
                              codec=codec, encoder=encoder, options=options, extra_meta=extra, **common)
 
 
-def standin_dir(dataset: str, cache_dir: str | os.PathLike | None = None, **options) -> Path:
-    """Where the cached stand-in of ``dataset`` with ``options`` (defaults filled in) lives."""
-    from bench.evaluate.inception import cache_root
-
-    defaults = {"n": DEFAULT_N, "val_n": DEFAULT_VAL_N, "autoencoder": "random:tiny", "text_encoder": "random:tiny"}
-    key = json.dumps({"dataset": dataset, "format": FORMAT, "version": STANDIN_VERSION, **defaults, **options},
-                     sort_keys=True)
-    return cache_root(cache_dir) / "standin" / f"{dataset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 def ensure_standin(dataset: str, cache_dir: str | os.PathLike | None = None, **options) -> Path:
     """The cached stand-in layout of ``dataset``, prepared on first use (concurrent callers wait for one
     another through the layout lock)."""
-    options = {"n": DEFAULT_N, "val_n": DEFAULT_VAL_N, **options}
+    options = {"n": STANDIN_DEFAULTS["n"], "val_n": STANDIN_DEFAULTS["val_n"], **options}
     path = standin_dir(dataset, cache_dir, **options)
     if not is_finished(path):
         prepare_standin(dataset, path, **options)
