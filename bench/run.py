@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cell import CELL_KEY, Cell, engine_label
 from bench.conditioning import build_conditioning
 from bench.checkpoint import check_identity, checkpoint_dir, load_checkpoint, load_weights_into
 from bench.config import config_hash
@@ -33,12 +34,6 @@ def row_hash(cfg: dict) -> str:
     if source is cfg:
         return config_hash(cfg)
     return hashlib.sha256(f"{config_hash(cfg)}+{config_hash(source)}".encode()).hexdigest()[:12]
-
-
-def engine_label(sample: dict) -> str:
-    """The `mode` column: the engine mode, plus the precision where it is not fp32 (realised-bf16), so that
-    a bf16 cell is a cell of its own."""
-    return sample["engine_mode"] + ("" if sample["precision"] == "fp32" else f"-{sample['precision']}")
 
 
 def scale_label(cfg: dict, device: torch.device) -> str:
@@ -134,7 +129,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
                       progress=progress, conditioning=conditioning, decode=latent.decode if latent else None)
     full = measure(None)
     # The full-depth analyses depend on the model, not the threshold: made once, not in every sweep trial.
-    results, full_id = Path(r["results"]), _run_id(cfg, None)
+    cell = Cell.of(cfg, None, config_hash=row_hash(cfg))
+    results, full_id = Path(r["results"]), cell.run_id
     if cfg["eval"]["layer_errors"] and (force or not _has_run(results / "layer_mse.csv", full_id)):
         _store_layer_errors(cfg, model, method, schedule, shape, device, full_id, conditioning)
     if cfg["eval"]["loss_buckets"] and (force or not _has_run(results / "loss_per_timestep.csv", full_id)):
@@ -146,10 +142,8 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
     rows = []
     for threshold in thresholds:
         m = full if threshold is None else measure(threshold)
-        # the config hash in the name: variants of one method (ablations) must not overwrite each other's grids
-        cell = (f"{r['method']}-{cfg['model']['backbone']}-{r['dataset']}-{r['profile']}-{s['sampler']}{s['steps']}"
-                f"-thr{'full' if threshold is None else threshold}-seed{r['seed']}-{engine_label(s)}-{row_hash(cfg)}")
-        grid = save_grid(m["images"][:64], Path(r["results"]) / "grids" / f"{cell}.png") if s["grid"] else None
+        here = cell.at(threshold)
+        grid = save_grid(m["images"][:64], here.grid_path(results)) if s["grid"] else None
         row = {
             **common, "threshold": "" if threshold is None else threshold,
             "layer_ratio": round(m["layer_ratio"], 6),
@@ -160,10 +154,10 @@ def evaluate(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, pro
             "measured_speedup": round(full["seconds_per_image"] / m["seconds_per_image"], 4),
             "theoretical_speedup": "" if m["gflops"] is None else round(full["gflops"] / m["gflops"], 4),
             "grid": str(grid or ""),
-            **_fid_columns(m["images"], reference, cfg, device, progress, _run_id(cfg, threshold)),
+            **_fid_columns(m["images"], reference, cfg, device, progress, here.run_id),
             **(extra or {}), **provenance(),
         }
-        row["run_id"] = _run_id(cfg, threshold)
+        row["run_id"] = here.run_id
         # the per-call and trajectory rows first, the runs.csv row last: a cell is stored (and skipped by a
         # rerun) only once all its files are; a kill in between leaves it to be measured again, whole
         _store_per_step(cfg, model, m, full, row["run_id"])
@@ -201,13 +195,6 @@ def _has_run(path: Path, run_id: str) -> bool:
     from bench.store import read_rows
 
     return any(row.get("run_id") == run_id for row in read_rows(path))
-
-
-def _run_id(cfg: dict, threshold) -> str:
-    """Keys the per-call and per-step CSVs to their row in runs.csv."""
-    r, s = cfg["run"], cfg["sample"]
-    return (f"{row_hash(cfg)}-{r['experiment']}-{s['sampler']}{s['steps']}-thr{'full' if threshold is None else threshold}"
-            f"-b{s['batch_size']}-n{s['n_samples']}-{engine_label(s)}-seed{r['seed']}")
 
 
 def _store_per_step(cfg: dict, model, measured: dict, full: dict, run_id: str) -> None:
@@ -317,7 +304,7 @@ def _fvcore_available() -> bool:
 
 def check_results(results: Path) -> None:
     """Read every results file a cell writes, so that a damaged one raises ResultsError now."""
-    from bench.store import CELL_KEY, read_rows
+    from bench.store import read_rows
 
     read_rows(results / "runs.csv", CELL_KEY)
     for name, key in (("per_call.csv", ("run_id", "call")), ("trajectory.csv", ("run_id", "step")),
@@ -327,10 +314,6 @@ def check_results(results: Path) -> None:
 
 def skip_stored(cfg: dict, thresholds: list) -> list:
     """The thresholds whose cells are not yet in the results store."""
-    r, s = cfg["run"], cfg["sample"]
-    path = Path(r["results"]) / "runs.csv"
-    key = {"experiment": r["experiment"], "method": r["method"], "backbone": cfg["model"]["backbone"],
-           "dataset": r["dataset"], "profile": r["profile"], "sampler": s["sampler"], "steps": s["steps"],
-           "seed": r["seed"], "n_samples": s["n_samples"], "batch_size": s["batch_size"], "mode": engine_label(s),
-           "config_hash": row_hash(cfg)}
-    return [t for t in thresholds if not has_cell(path, {**key, "threshold": "" if t is None else t})]
+    cell = Cell.of(cfg, None, config_hash=row_hash(cfg))
+    path = Path(cfg["run"]["results"]) / "runs.csv"
+    return [t for t in thresholds if not has_cell(path, cell.at(t).key)]

@@ -15,11 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.atomic import atomic_write
+from bench.cell import CELL_KEY
 from bench.errors import ResultsError
-
-# The key of a cell: a row with the same values in these columns is the same measurement.
-CELL_KEY = ("experiment", "method", "backbone", "dataset", "profile", "sampler", "steps", "threshold", "seed",
-            "n_samples", "batch_size", "mode", "config_hash")
 
 
 @contextmanager

@@ -250,8 +250,13 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
             extra = {} if cond is None else {"cond": cond}  # methods for unconditional models need not take it
             method.prepare(model, images, schedule, _step_generator(seed, 0, salt=3), **extra)
         load_state_into(ema, model.state_dict())
-    # the optimizer is built after any change of structure, so that it holds the final parameters
-    optimizer = torch.optim.AdamW(parameter_groups(model, t_cfg), lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]))
+    # the optimizer is built after any change of structure, so that it holds the final parameters; on a
+    # GPU its fused kernel (one launch for all parameters) and TF32 matmuls for whatever bf16 leaves in fp32
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    optimizer = torch.optim.AdamW(parameter_groups(model, t_cfg), lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]),
+                                  **({"fused": True} if cuda else {}))
     ramped = ramped_parameters(model, loaded, t_cfg["ema_ramp"])
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -87,3 +87,27 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     for w in range(8):
         assert [int(r["threshold"]) for r in rows if int(r["seed"]) == w] == list(range(10))
     assert _leftovers(tmp_path) == []
+
+
+def test_a_cell_names_itself_once():
+    import subprocess
+    import sys
+
+    from bench.cell import Cell, parse_run_id
+
+    cfg = {"run": {"experiment": "e", "method": "deediff", "dataset": "mnist", "profile": "tiny", "seed": 3},
+           "model": {"backbone": "uvit_tiny"},
+           "sample": {"sampler": "dpm_solver", "steps": 25, "n_samples": 64, "batch_size": 32, "engine_mode": "realised",
+                      "precision": "bf16"}}
+    full = Cell.of(cfg, None, config_hash="abc123")
+    cell = full.at(0.05)
+    assert full.key["threshold"] == "" and cell.key["threshold"] == 0.05 and set(cell.key) == set(CELL_KEY)
+    assert cell.run_id == "abc123-e-dpm_solver25-thr0.05-b32-n64-realised-bf16-seed3"
+    assert parse_run_id(cell.run_id) == {"hash": "abc123", "experiment": "e", "sampler": "dpm_solver", "steps": "25",
+                                         "thr": "0.05", "batch": "32", "n": "64", "mode": "realised-bf16", "seed": "3"}
+    assert full.grid_path("res").as_posix() == \
+        "res/grids/deediff-uvit_tiny-mnist-tiny-dpm_solver25-thrfull-seed3-realised-bf16-abc123.png"
+    assert parse_run_id("not a run id") == {}
+    # the reporters use it and know only the CSVs: no torch behind it
+    probe = "import sys, bench.cell, bench.store; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

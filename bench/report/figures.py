@@ -22,7 +22,8 @@ import pandas as pd
 
 from bench.atomic import atomic_write
 from bench.report import FIGURES
-from bench.report.load import Results, dataset_name, method_name, parse_run_id
+from bench.cell import parse_run_id
+from bench.report.load import Results, dataset_name, method_name
 from bench.report.select import OperatingPoint
 
 

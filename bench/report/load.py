@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +34,6 @@ RUN_GROUP = ("experiment", "method", "backbone", "dataset", "profile", "config_h
 PROVENANCE = ("scale", "profile", "backbone", "sampler", "steps", "n_samples", "seed", "batch_size", "mode",
               "train_steps", "fid_n_reference", "fid_reference", "standin", "autoencoder", "encoders_random_init")
 SIDE_FILES = ("per_call", "trajectory", "layer_mse", "loss_per_timestep")
-RUN_ID = re.compile(r"^(?P<hash>[0-9a-f]+)-(?P<experiment>.+)-(?P<sampler>.+?)(?P<steps>\d+)-thr(?P<thr>[^-]+)"
-                    r"-b(?P<batch>\d+)-n(?P<n>\d+)-(?P<mode>[a-z]+)-seed(?P<seed>-?\d+)$")
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "celeba": "CelebA 64", "imagenet256": "ImageNet 256", "mscoco": "MS-COCO",
                  "mnist": "MNIST", "imagefolder": "image folder"}
@@ -162,12 +159,6 @@ def load_results(root, profile: str | None = None, experiment: str | None = None
     if experiment:
         runs = runs[runs["experiment"] == experiment]
     return Results(root=root, runs=runs.reset_index(drop=True))
-
-
-def parse_run_id(run_id: str) -> dict:
-    """The parts of a run_id (config hash, experiment, sampler, steps, threshold, batch, n, mode, seed)."""
-    m = RUN_ID.match(str(run_id))
-    return m.groupdict() if m else {}
 
 
 def fmt_number(value, digits: int = 2) -> str:
