@@ -14,7 +14,8 @@ as its first dimension, so the early-exit engine can drop the samples that exite
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -22,10 +23,35 @@ from torch import Tensor
 State = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ExitInfo:
+    """What an exit module needs to know about exit i (after timm's feature_info): the layout of the
+    hidden state `hidden(state)` returns, its width, its per-sample shape, and whether the exit lies
+    in the first half (U-ViT's in-blocks, the U-Net's down levels: a long-skip network that stops there
+    skips its whole second half)."""
+    layout: Literal["tokens", "map"]  # tokens: (B, L, D) patch tokens; map: (B, C, H, W) feature map
+    width: int                        # D, or C_i
+    hidden_shape: tuple[int, ...]     # per sample: (L, D) or (C_i, H_i, W_i)
+    first_half: bool
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """The prediction every exit's head makes, (B, channels, size, size); `patch_size` is the side of a
+    token's patch (1 for a map), so that an exit module over tokens can write a per-pixel map."""
+    channels: int
+    size: int
+    patch_size: int = 1
+
+
 class ExitBackbone(Protocol):
     """What the engine and the methods may rely on."""
 
     num_exits: int
+    exit_layout: Literal["tokens", "map"]  # of every exit's hidden state (cheap: read in the deciding loop)
+    first_half_exits: int                  # exits 0..first_half_exits-1 lie in the first half (cheap)
+    exit_info: list[ExitInfo]              # one per exit (may run a batch-1 pass: read it when building)
+    output_info: OutputInfo
 
     def prepare(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> State: ...
 

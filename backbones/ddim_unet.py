@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones import BACKBONES
-from backbones.contract import State, measure_flops_per_part
+from backbones.contract import ExitInfo, OutputInfo, State, measure_flops_per_part
 
 GROUPS = 32  # GroupNorm groups of the official model; every channel count must be a multiple
 
@@ -238,6 +238,30 @@ class DDIMUNet(nn.Module):
         self._flops: dict[str, float] | None = None
 
     # -- the exit contract ----------------------------------------------------------------------
+
+    exit_layout = "map"
+
+    @property
+    def first_half_exits(self) -> int:
+        return self.num_resolutions
+
+    @property
+    def exit_info(self) -> list[ExitInfo]:
+        """Feature maps (C_i, H_i, W_i), from one batch-1 pass (so that a pruned model reports its own
+        widths); the down levels are the first half."""
+        p = next(self.parameters())
+        x = torch.zeros(1, self.in_channels, self.resolution, self.resolution, device=p.device, dtype=p.dtype)
+        shapes = []
+        with torch.no_grad():
+            state = self.prepare(x, torch.zeros(1, device=p.device))
+            for i in range(self.num_exits):
+                state = self.run_block(i, state)
+                shapes.append(tuple(self.hidden(state).shape[1:]))
+        return [ExitInfo("map", shape[0], shape, i < self.first_half_exits) for i, shape in enumerate(shapes)]
+
+    @property
+    def output_info(self) -> OutputInfo:
+        return OutputInfo(self.out_ch, self.resolution)
 
     def prepare(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> State:
         """Time embedding and the first skip: {"temb": (B, 4ch), "hs": [(B, ch, H, W)], "h": hs[-1]}."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import BACKBONES
-from backbones.contract import State, measure_flops_per_part
+from backbones.contract import ExitInfo, OutputInfo, State, measure_flops_per_part
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -181,6 +181,23 @@ class UViT(nn.Module):
     @property
     def num_exits(self) -> int:
         return len(self.in_blocks) + 1 + len(self.out_blocks)
+
+    exit_layout = "tokens"
+
+    @property
+    def first_half_exits(self) -> int:
+        return len(self.in_blocks)
+
+    @property
+    def exit_info(self) -> list[ExitInfo]:
+        """Patch tokens (L, D) at every exit; the in-blocks are the first half."""
+        tokens = (self.img_size // self.patch_size) ** 2
+        return [ExitInfo("tokens", self.embed_dim, (tokens, self.embed_dim), i < self.first_half_exits)
+                for i in range(self.num_exits)]
+
+    @property
+    def output_info(self) -> OutputInfo:
+        return OutputInfo(self.in_chans, self.img_size, self.patch_size)
 
     def prepare(self, x: Tensor, timesteps: Tensor, cond: Tensor | None = None) -> State:
         """Tokens [label][time][patches] (text model: [time][context][patches]) plus position embedding;

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from methods import METHODS
 from methods.base import DiffusionModel, Method
-from methods.common import backbone_kind, exit_predictions, exit_widths, per_sample_mse, resolve_hparams
+from methods.common import exit_predictions, exit_widths, per_sample_mse, resolve_hparams
 
 DEFAULTS = dict(lte_weight=1.0, detach_input=True, proj_dim=None)
 CHOICES = dict(detach_input=(True, False))
@@ -51,7 +51,7 @@ class BERxiT(Method):
 
     def attach(self, backbone: nn.Module) -> nn.ModuleDict:
         widths = exit_widths(backbone)
-        if backbone_kind(backbone) == "uvit":
+        if backbone.exit_layout == "tokens":  # the same width at every exit: one LTE reads them all
             return nn.ModuleDict({"lte": nn.Linear(widths[0], 1)})
         dim = self.hp["proj_dim"] or max(widths)
         return nn.ModuleDict({"proj": nn.ModuleList(nn.Linear(w, dim) for w in widths), "lte": nn.Linear(dim, 1)})

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from methods import METHODS
 from methods.base import DiffusionModel, Method
-from methods.common import backbone_kind, exit_predictions, per_sample_mse, resolve_hparams
+from methods.common import exit_predictions, hidden_shapes, per_sample_mse, resolve_hparams
 
 DEFAULTS = dict(compare="auto")
 CHOICES = dict(compare=("auto", "hidden", "prediction"))
@@ -51,10 +51,10 @@ class CALM(Method):
 
     def compare(self, backbone: nn.Module) -> str:
         """What consecutive exits are compared on: 'hidden' or 'prediction'."""
-        kind, choice = backbone_kind(backbone), self.hp["compare"]
+        tokens, choice = backbone.exit_layout == "tokens", self.hp["compare"]
         if choice == "auto":
-            return "hidden" if kind == "uvit" else "prediction"
-        if choice == "hidden" and kind == "unet":
+            return "hidden" if tokens else "prediction"
+        if choice == "hidden" and not tokens:
             raise ValueError("calm: compare=hidden is impossible on the U-Net (consecutive exits have "
                              "different shapes); use compare=prediction or auto")
         return choice
@@ -91,10 +91,11 @@ class CALM(Method):
         bb = model.backbone
         last = bb.num_exits - 1
         if self.compare(bb) == "hidden":
-            side = bb.img_size // bb.patch_size
-            return [3 * side * side * bb.embed_dim / 1e9 if i < last else 0.0 for i in range(last + 1)]
+            sizes = [math.prod(shape) for shape in hidden_shapes(bb)]
+            return [3 * sizes[i] / 1e9 if i < last else 0.0 for i in range(last + 1)]
         flops = bb.flops_per_part()
-        pixels = bb.out_ch * bb.resolution**2
+        out = bb.output_info
+        pixels = out.channels * out.size**2
         return [flops[f"head_{i}"] + 3 * pixels / 1e9 if i < last else 0.0 for i in range(last + 1)]
 
 

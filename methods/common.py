@@ -1,12 +1,10 @@
 """Helpers shared by the exit methods: every exit's prediction in one pass, per-pixel maps, hparams.
 
-A method sees a backbone only through the exit contract (backbones/contract.py). Where it must
-know the kind of backbone (to build a module that reads a hidden state), it asks by what the
-backbone exposes, never by its class:
-
-    U-Net  (backbones/ddim_unet.py): has `exit_channels`; hidden = feature map (B, C_i, H_i, W_i)
-    U-ViT  (backbones/uvit.py):      has `embed_dim`, `patch_size`, `in_chans`; hidden = patch
-                                     tokens (B, L, D), the same shape at every exit
+A method sees a backbone only through the exit contract (backbones/contract.py). What an exit module
+needs to know about a hidden state it reads from what the contract declares, never from the class:
+`exit_layout` (tokens: U-ViT's patch tokens (B, L, D), the same shape at every exit; map: a U-Net
+feature map (B, C_i, H_i, W_i)), `first_half_exits`, `exit_info` (width and shape per exit) and
+`output_info` (the prediction's channels, size and patch).
 """
 from __future__ import annotations
 
@@ -19,31 +17,17 @@ from torch import Tensor, nn
 
 from backbones.uvit import timestep_embedding, unpatchify
 
-# ---- which backbone -----------------------------------------------------------------------
-
-
-def backbone_kind(backbone: nn.Module) -> str:
-    """'unet' (exposes exit_channels) or 'uvit' (exposes embed_dim, patch_size, in_chans)."""
-    if hasattr(backbone, "exit_channels"):
-        return "unet"
-    if all(hasattr(backbone, a) for a in ("embed_dim", "patch_size", "in_chans")):
-        return "uvit"
-    raise TypeError(f"{type(backbone).__name__} exposes neither exit_channels (U-Net) nor "
-                    "embed_dim/patch_size/in_chans (U-ViT); the exit modules cannot read its hidden states")
+# ---- what the exits hold ------------------------------------------------------------------
 
 
 def exit_widths(backbone: nn.Module) -> list[int]:
-    """Channels of the hidden state at every exit (U-ViT: D everywhere; U-Net: exit_channels)."""
-    if backbone_kind(backbone) == "unet":
-        return list(backbone.exit_channels)
-    return [backbone.embed_dim] * backbone.num_exits
+    """Channels of the hidden state at every exit (U-ViT: D everywhere; U-Net: C_i)."""
+    return [info.width for info in backbone.exit_info]
 
 
 def encoder_exits(backbone: nn.Module) -> int:
     """How many exits lie in the first half (U-ViT: the in-blocks; U-Net: the down levels)."""
-    if backbone_kind(backbone) == "unet":
-        return backbone.num_resolutions
-    return len(backbone.in_blocks)
+    return backbone.first_half_exits
 
 
 # ---- every exit in one pass ---------------------------------------------------------------
@@ -90,12 +74,13 @@ class PixelMap(nn.Module):
     linear map without materialising the concatenation.
     """
 
-    def __init__(self, kind: str, width: int, channels: int, size: int, patch_size: int = 1, time_dim: int = 0):
+    def __init__(self, layout: str, width: int, channels: int, size: int, patch_size: int = 1, time_dim: int = 0):
         super().__init__()
-        self.kind, self.width, self.channels, self.size = kind, width, channels, size
+        self.tokens = layout == "tokens"  # else a feature map
+        self.width, self.channels, self.size = width, channels, size
         self.patch_size, self.time_dim = patch_size, time_dim
-        out = patch_size**2 * channels if kind == "uvit" else channels
-        self.proj = nn.Linear(width, out) if kind == "uvit" else nn.Conv2d(width, out, kernel_size=1)
+        out = patch_size**2 * channels if self.tokens else channels
+        self.proj = nn.Linear(width, out) if self.tokens else nn.Conv2d(width, out, kernel_size=1)
         self.time = nn.Linear(time_dim, out, bias=False) if time_dim > 0 else None
         for m in (self.proj, self.time):  # U-ViT's init (trunc normal 0.02, zero bias): maps start at 0
             if m is not None:
@@ -110,10 +95,10 @@ class PixelMap(nn.Module):
         y = self.proj(h)  # U-ViT: (B, L, p*p*C); U-Net: (B, C, H_i, W_i)
         if self.time is not None:
             emb = timestep_embedding(batch_time(model_t, h.shape[0]), self.time_dim).to(y.dtype)
-            y = y + (self.time(emb)[:, None, :] if self.kind == "uvit" else self.time(emb)[:, :, None, None])
-        if not as_image and (self.kind == "uvit" or self.size % y.shape[-1] == 0):
+            y = y + (self.time(emb)[:, None, :] if self.tokens else self.time(emb)[:, :, None, None])
+        if not as_image and (self.tokens or self.size % y.shape[-1] == 0):
             return y
-        if self.kind == "uvit":
+        if self.tokens:
             return unpatchify(y, self.channels, self.patch_size)  # (B, C, H, W)
         if y.shape[-1] != self.size:
             y = F.interpolate(y, size=(self.size, self.size), mode="nearest")
@@ -121,34 +106,22 @@ class PixelMap(nn.Module):
 
     def gmacs(self, hidden_shape: tuple[int, ...]) -> float:
         """Multiply-adds of one call for one sample with the given per-sample hidden shape, in G."""
-        positions = math.prod(hidden_shape[:-1]) if self.kind == "uvit" else math.prod(hidden_shape[1:])
-        out = self.proj.out_features if self.kind == "uvit" else self.proj.out_channels
+        positions = math.prod(hidden_shape[:-1]) if self.tokens else math.prod(hidden_shape[1:])
+        out = self.proj.out_features if self.tokens else self.proj.out_channels
         return (positions * self.width * out + self.time_dim * out) / 1e9
 
 
-def pixel_map(backbone: nn.Module, i: int, time_dim: int = 0) -> PixelMap:
-    """The PixelMap that reads exit i of `backbone` and writes a map of the output's shape."""
-    kind = backbone_kind(backbone)
-    if kind == "uvit":
-        return PixelMap(kind, backbone.embed_dim, backbone.in_chans, backbone.img_size,
-                        patch_size=backbone.patch_size, time_dim=time_dim)
-    return PixelMap(kind, backbone.exit_channels[i], backbone.out_ch, backbone.resolution, time_dim=time_dim)
+def pixel_map(backbone: nn.Module, width: int, time_dim: int = 0) -> PixelMap:
+    """The PixelMap that reads an exit of `backbone` whose hidden state is `width` wide (exit_widths) and
+    writes a map of the output's shape."""
+    out = backbone.output_info
+    return PixelMap(backbone.exit_layout, width, out.channels, out.size,
+                    patch_size=out.patch_size if backbone.exit_layout == "tokens" else 1, time_dim=time_dim)
 
 
 def hidden_shapes(backbone: nn.Module) -> list[tuple[int, ...]]:
-    """Per-sample shape of the hidden state at every exit (from one batch-1 pass, no grad)."""
-    p = next(backbone.parameters())
-    if backbone_kind(backbone) == "uvit":
-        side = backbone.img_size // backbone.patch_size
-        return [(side * side, backbone.embed_dim)] * backbone.num_exits
-    x = torch.zeros(1, backbone.in_channels, backbone.resolution, backbone.resolution, device=p.device, dtype=p.dtype)
-    shapes = []
-    with torch.no_grad():
-        state = backbone.prepare(x, torch.zeros(1, device=p.device))
-        for i in range(backbone.num_exits):
-            state = backbone.run_block(i, state)
-            shapes.append(tuple(backbone.hidden(state).shape[1:]))
-    return shapes
+    """Per-sample shape of the hidden state at every exit."""
+    return [info.hidden_shape for info in backbone.exit_info]
 
 
 # ---- hyper-parameters ---------------------------------------------------------------------

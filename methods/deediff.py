@@ -88,7 +88,7 @@ class DeeDiff(Method):
 
         def build(i: int) -> nn.Module:
             time_dim = 0 if self.hp["uem_time"] == "token" else (self.hp["uem_time_dim"] or widths[i])
-            return pixel_map(backbone, i, time_dim)
+            return pixel_map(backbone, widths[i], time_dim)
 
         if not self.hp["shared_uem"]:
             uems = [build(i) for i in range(backbone.num_exits)]

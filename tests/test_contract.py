@@ -123,6 +123,24 @@ def test_every_exit_head_has_the_output_shape(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @torch.no_grad()
+def test_declared_exit_info_matches_the_hidden_states(name):
+    model = _build(name)
+    x, t, cond = _inputs(model)
+    info, out = model.exit_info, model.output_info
+    assert len(info) == model.num_exits and {i.layout for i in info} == {model.exit_layout}
+    assert [i.first_half for i in info] == [k < model.first_half_exits for k in range(model.num_exits)]
+    assert 0 < model.first_half_exits < model.num_exits // 2 + 1
+    assert (out.channels, out.size, out.size) == tuple(x.shape[1:]) and out.size % out.patch_size == 0
+    state = model.prepare(x, t, cond)
+    for k in range(model.num_exits):
+        state = model.run_block(k, state)
+        hidden = model.hidden(state)
+        assert tuple(hidden.shape[1:]) == info[k].hidden_shape, f"exit {k}"
+        assert info[k].width == (hidden.shape[-1] if info[k].layout == "tokens" else hidden.shape[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
 def test_run_block_does_not_mutate_its_input(name):
     model = _build(name)
     x, t, cond = _inputs(model)

@@ -199,7 +199,7 @@ def test_shared_uem_and_unet_maps():
         for j in range(bb.num_exits):
             assert (uems[i] is uems[j]) == (bb.exit_channels[i] == bb.exit_channels[j])
     # a U-Net exit map: 1x1 conv, then nearest interpolation to the output size
-    m = pixel_map(bb, 1)
+    m = pixel_map(bb, bb.exit_info[1].width)
     h = torch.randn(2, bb.exit_channels[1], 14, 14)
     expected = nn.functional.interpolate(m.proj(h), size=(28, 28), mode="nearest")
     assert torch.equal(m(h), expected) and expected.shape == (2, bb.out_ch, 28, 28)
