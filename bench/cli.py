@@ -400,7 +400,7 @@ def report_command(
                 echo=typer.echo)
 
 
-# ---- sweeps on Ray Tune (bench/sweep.py) -----------------------------------------------------
+# ---- sweeps on Ray Tune (bench/sweep/) ---------------------------------------------------------
 
 sweep_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Sweeps on Ray Tune, one trial per cell; the results store decides what is done.")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.errors import DataError
-from .layout import FORMAT, LayoutError, interrupted_hint, is_finished, layout_checksum, open_array, read_meta
+from .layout import FORMAT, interrupted_hint, is_finished, layout_checksum, open_array, read_meta
 
 from .core import DATASETS, ImageDataset, _Base, register_dataset, with_info
 from .sources import FolderSource, expand_path
