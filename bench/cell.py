@@ -33,7 +33,7 @@ def engine_label(sample: dict) -> str:
 @dataclass(frozen=True)
 class Cell:
     """The coordinates of one measurement. `threshold` None is full depth; `config_hash` is the row's
-    (bench.run.row_hash: the run's own, or with the weights' for a method that reads another's)."""
+    (bench.evaluate.measure.row_hash: the run's own, or with the weights' for a method that reads another's)."""
     experiment: str
     method: str
     backbone: str

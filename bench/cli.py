@@ -177,7 +177,8 @@ def eval_command(opts: RunOptions, thresholds: Optional[str] = THRESHOLDS, force
                  quiet: bool = QUIET) -> None:
     """Evaluate a trained checkpoint at one or more thresholds (full depth measured first, same run)."""
     cfg = opts.resolved()
-    from bench.run import default_threshold, evaluate, finished_checkpoint, skip_stored
+    from bench.evaluate.measure import measure, skip_stored
+    from bench.run import default_threshold, finished_checkpoint
     from bench.thresholds import check_thresholds, parse_thresholds
     from methods import build_method
 
@@ -192,7 +193,7 @@ def eval_command(opts: RunOptions, thresholds: Optional[str] = THRESHOLDS, force
     if not todo:
         typer.echo("every requested cell is already stored (use --force to re-measure)")
         return
-    rows = evaluate(cfg, checkpoint, todo, progress=not quiet, force=force)
+    rows = measure(cfg, checkpoint, todo, progress=not quiet, force=force)
     typer.echo(f"{'threshold':>10s} {'layers':>7s} {'GMACs':>8s} {'s/img':>9s} {'speedup':>8s} {'theory':>7s}")
     for row in rows:
         typer.echo(f"{str(row['threshold'] or 'full'):>10s} {row['layer_ratio']:7.3f} {row['gflops']:>8} "

@@ -320,12 +320,12 @@ def test_a_kill_between_per_call_rows_and_the_runs_row_loses_nothing(tmp_path, m
 
     monkeypatch.setattr(bench.store, "append_rows", killed_after_the_per_call_rows)
     with pytest.raises(Killed):
-        bench_run.evaluate(cfg, checkpoint, [None], progress=False)
+        bench_run.measure(cfg, checkpoint, [None], progress=False)
     assert (results / "per_call.csv").exists()
     assert not (results / "runs.csv").exists()  # the cell is not stored, so a rerun measures it (whole)
     assert bench_run.skip_stored(cfg, [None]) == [None]
     monkeypatch.setattr(bench.store, "append_rows", real_append_rows)
-    bench_run.evaluate(cfg, checkpoint, bench_run.skip_stored(cfg, [None]), progress=False)
+    bench_run.measure(cfg, checkpoint, bench_run.skip_stored(cfg, [None]), progress=False)
     runs = read_rows(results / "runs.csv")
     assert len(runs) == 1
     calls = [r for r in read_rows(results / "per_call.csv") if r["run_id"] == runs[0]["run_id"]]

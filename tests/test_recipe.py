@@ -162,7 +162,8 @@ def test_deediff_default_loss_is_the_official_form():
 
 
 def test_static_evaluates_the_deediff_checkpoint(pretrained, tmp_path):
-    from bench.run import evaluate, finished_checkpoint
+    from bench.evaluate.measure import measure
+    from bench.run import finished_checkpoint
 
     over = {"model.init_from": str(pretrained), "train.steps": 1, "sample.n_samples": 2, "sample.batch_size": 2,
             "sample.steps": 2, "sample.grid": False, "eval.fid": False, "eval.layer_errors": False,
@@ -173,7 +174,7 @@ def test_static_evaluates_the_deediff_checkpoint(pretrained, tmp_path):
     assert checkpoint_dir(weights_config(static)) == checkpoint_dir(deediff)
     path = train(static)  # trains the DeeDiff run
     assert path.parent == checkpoint_dir(deediff) and finished_checkpoint(static) == path
-    rows = evaluate(static, path, [4.0], progress=False)
+    rows = measure(static, path, [4.0], progress=False)
     exit_row = [r for r in rows if r["threshold"] == 4.0][0]
     assert exit_row["layer_ratio"] == pytest.approx(5 / 13, abs=1e-6) and exit_row["method"] == "static"
     assert exit_row["checkpoint"] == str(path)
@@ -225,7 +226,7 @@ def test_profiles_take_per_method_layers():
 def test_static_rows_name_the_deediff_weights_they_measure(tmp_path):
     """Static's rows carry a hash of its own config and the DeeDiff weights': other DeeDiff settings give
     other cells (not 'already stored'), and resolve_for keeps the profile layers and overrides."""
-    from bench.run import row_hash
+    from bench.evaluate.measure import row_hash
 
     a = make_cfg(tmp_path, "static", **{"sample.n_samples": 3})
     b = make_cfg(tmp_path, "static", **{"sample.n_samples": 3, "methods.deediff.lambda_u": 0.5})

@@ -4,11 +4,11 @@
     bench sweep train --methods deediff,bertxit --seeds 0,1 --grid train.lr=1e-3,2e-4
 
 The results store decides what is done, not Ray's experiment state: before anything starts,
-cells already in <results>/runs.csv are dropped (bench.run.skip_stored) and finished checkpoints
+cells already in <results>/runs.csv are dropped (bench.evaluate.measure.skip_stored) and finished checkpoints
 are reused, so an interrupted sweep, run again, does only the missing cells, and a finished one
 starts no Ray at all. A threshold sweep first trains the checkpoints it lacks (one trial per
 method), then runs one trial per threshold; every trial measures the full-depth model in its own
-process before its threshold (bench.run.evaluate), so each row's speed-up compares like with like.
+process before its threshold (bench.evaluate.measure.measure), so each row's speed-up compares like with like.
 
 Without --address a private Ray runtime starts on this machine (bench.ray_runtime): its servers listen on 127.0.0.1
 only and it asks for a random token (ray_runtime). With --address the trials spread over an
@@ -47,7 +47,7 @@ def sweep_thresholds(config: str | Path | None = None, run: dict | None = None, 
 
     Returns {cell label: the trial's metrics}; raises SweepError after all trials if any failed.
     """
-    from bench.run import skip_stored
+    from bench.evaluate.measure import skip_stored
     from bench.setup import prepare_data
     from methods import build_method
 

@@ -40,11 +40,11 @@ def _train_trial(config: dict, plan: dict) -> None:
 def _threshold_trial(config: dict, plan: dict) -> None:
     from ray import tune
 
-    from bench.run import evaluate
+    from bench.evaluate.measure import measure
 
     item = plan[config["cell"]]
     _enter_trial(item)
-    row = evaluate(item["cfg"], Path(item["checkpoint"]), [item["threshold"]], progress=False,
+    row = measure(item["cfg"], Path(item["checkpoint"]), [item["threshold"]], progress=False,
                    force=item["force"])[-1]
     tune.report({"layer_ratio": row["layer_ratio"], "measured_speedup": row["measured_speedup"],
                  "seconds_per_image": row["seconds_per_image"], "stored": int(bool(row["stored"]))})
