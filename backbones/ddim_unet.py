@@ -251,12 +251,18 @@ class DDIMUNet(nn.Module):
         widths); the down levels are the first half."""
         p = next(self.parameters())
         x = torch.zeros(1, self.in_channels, self.resolution, self.resolution, device=p.device, dtype=p.dtype)
-        shapes = []
-        with torch.no_grad():
-            state = self.prepare(x, torch.zeros(1, device=p.device))
-            for i in range(self.num_exits):
-                state = self.run_block(i, state)
-                shapes.append(tuple(self.hidden(state).shape[1:]))
+        shapes, training = [], self.training
+        # in eval mode and on a forked RNG: asking must not draw dropout masks (a method's modules are
+        # initialised right after, from the same global RNG) nor change the mode
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            self.eval()
+            try:
+                state = self.prepare(x, torch.zeros(1, device=p.device))
+                for i in range(self.num_exits):
+                    state = self.run_block(i, state)
+                    shapes.append(tuple(self.hidden(state).shape[1:]))
+            finally:
+                self.train(training)
         return [ExitInfo("map", shape[0], shape, i < self.first_half_exits) for i, shape in enumerate(shapes)]
 
     @property

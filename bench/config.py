@@ -440,14 +440,16 @@ def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train"
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
     relevant = {key: cfg[key] for key in sections}
     # Bookkeeping that does not change the trained weights stays out of the hash.
-    cosmetic = {"train": ("log_every", "ckpt_every", "progress", "num_workers", "cpus_per_worker"),
+    cosmetic = {"train": ("log_every", "ckpt_every", "progress", "cpus_per_worker"),
                 "data": ("num_workers", "preload", "download")}
     for section, keys in cosmetic.items():
         if section in relevant:
             relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
     if "train" in relevant:  # recipe keys at values that change nothing: out, so older hashes still hold
         train = dict(relevant["train"])
-        for key, neutral in (("extras_lr_mult", 1.0), ("exit_calibration_steps", 0)):
+        # num_workers: N > 1 workers give one process's weights only for losses that are means over
+        # samples (bench/distributed.py), so N is in the hash; 1 is out, as before the key existed
+        for key, neutral in (("extras_lr_mult", 1.0), ("exit_calibration_steps", 0), ("num_workers", 1)):
             if train.get(key) == neutral:
                 train.pop(key)
         if train.get("ema_ramp") == "all" or (train.get("ema_ramp") == "fresh" and not cfg["model"]["init_from"]):

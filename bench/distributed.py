@@ -9,7 +9,7 @@ for the whole global batch from the step's generator and then sliced, so the wor
 exactly what one process would; the gradients are averaged across workers after every backward
 pass, so every worker takes the same optimizer step and holds the same weights and EMA. Two
 workers at half the batch each therefore give, to float tolerance, the weights of one worker at the
-full batch (tests/test_distributed.py), and a run may be resumed with another worker count.
+full batch (tests/test_distributed.py) for every loss that is a mean over samples.
 
 Why the gradients are averaged by hand rather than by torch's DistributedDataParallel wrapper: the
 methods' losses call the backbone's parts (blocks, exits, heads) directly, not the wrapped module's
@@ -18,10 +18,13 @@ backward makes no assumption about how the loss reached the parameters.
 
 Exact for every loss that is a mean over the batch's samples (L_simple, BERxiT, CALM, static,
 pruning's fine-tune: measured differences of about 1e-8). Two things are per worker, as in any
-data-parallel run: dropout masks (the DDIM U-Net's), and batch statistics inside a loss: DeeDiff's
-official L_UAL weights its exits by the batch-mean confidence (AdaDiff sde.py), which each worker
-takes over its own share, as the official multi-GPU training does (after 4 steps of a tiny model the
-exit modules differ by about 1e-3 relative from one process).
+data-parallel run: dropout masks (the DDIM U-Net's; drawn from the global RNG seeded by step and
+rank), and batch statistics inside a loss: DeeDiff's official L_UAL weights its exits by the
+batch-mean confidence (AdaDiff sde.py), which each worker takes over its own share, as the official
+multi-GPU training does (after 4 steps of a tiny model the exit modules differ by about 1e-3 relative
+from one process). So that no such run is mistaken for another, a worker count above 1 is part of the
+config hash (bench.config.config_hash): N workers make a run folder of their own, and resume only
+with N workers.
 
 Only rank 0 writes: the checkpoints (atomically, as in one process), the loss log and the progress
 bar. The driver (the `bench train` process) holds the run folder's lock for the whole run; on a
@@ -42,17 +45,18 @@ from bench.errors import DeviceError, UserError
 class World:
     """This process's place among the training workers: rank `rank` of `size` (one process: 0 of 1)."""
 
-    def __init__(self, rank: int = 0, size: int = 1):
+    def __init__(self, rank: int = 0, size: int = 1, device: torch.device | str = "cpu"):
         self.rank, self.size = rank, size
+        self.device = torch.device(device)  # where collective buffers live (nccl takes only CUDA tensors)
 
     @classmethod
-    def current(cls) -> "World":
+    def current(cls, device: torch.device | str = "cpu") -> "World":
         """The torch.distributed group this process belongs to (Ray Train set it up), or one process."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(device=device)
 
     @property
     def is_main(self) -> bool:
@@ -106,12 +110,30 @@ class World:
             return flag
         import torch.distributed as dist
 
-        out = torch.tensor([float(flag)])
+        out = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return bool(out.item())
 
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every worker holds the same whole number (its model's parameter count, say)."""
+        if self.size == 1:
+            return True
+        import torch.distributed as dist
 
-def worker_resources(cfg: dict, cluster: dict, device: str) -> dict:
+        low = torch.tensor([value], dtype=torch.float64, device=self.device)
+        high = low.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return low.item() == high.item()
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def worker_resources(cfg: dict, cluster: dict, device: str, echo=print) -> dict:
     """CPUs and GPUs per worker: train.cpus_per_worker; one GPU each when the run is on a GPU."""
     workers = cfg["train"]["num_workers"]
     cpus = cfg["train"]["cpus_per_worker"]
@@ -119,6 +141,9 @@ def worker_resources(cfg: dict, cluster: dict, device: str) -> dict:
     if device.startswith("cuda") and cluster["gpus"] < workers:
         raise DeviceError(f"train.num_workers={workers} workers with --device {device} need {workers} GPUs; the "
                           f"Ray cluster has {cluster['gpus']:g}")
+    if device == "auto" and 0 < cluster["gpus"] < workers:
+        echo(f"warning: train.num_workers={workers} but the Ray cluster has {cluster['gpus']:g} GPUs; the workers "
+             f"train on CPUs (gloo). Use at most as many workers as GPUs, or --device cpu to say so")
     return {"cpu": cpus, "gpu": 1 if use_gpu else 0}
 
 
@@ -132,7 +157,7 @@ def train_data_parallel(cfg: dict, run_dir: Path, stop_at: int | None, progress:
 
     workers = cfg["train"]["num_workers"]
     with ray_runtime(address, echo) as cluster:
-        res = worker_resources(cfg, cluster, cfg["run"]["device"])
+        res = worker_resources(cfg, cluster, cfg["run"]["device"], echo)
         if address is None and workers * res["cpu"] > cluster["cpus"]:
             raise UserError(f"train.num_workers={workers} workers of train.cpus_per_worker={res['cpu']:g} CPUs need "
                             f"{workers * res['cpu']:g} CPUs; this machine offers Ray {cluster['cpus']:g}")
@@ -180,8 +205,8 @@ def _worker_loop(config: dict) -> None:
     if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])  # relative paths in the config (datasets, runs) mean what they meant to the driver
     torch.set_num_threads(config["threads"])
-    world = World.current()
     device = _worker_device()
+    world = World.current(device)
     _train(config["cfg"], Path(config["run_dir"]), config["stop_at"], config["progress"] and world.is_main,
            world=world, device=device)
 

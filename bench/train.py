@@ -179,7 +179,11 @@ def train(cfg: dict, *, stop_at: int | None = None, progress: bool | None = None
     run_dir = checkpoint_dir(cfg)
     if (run_dir / "final.pt").exists():
         return run_dir / "final.pt"
-    resolve_device(cfg["run"]["device"])  # no such device: stop before anything is written
+    if cfg["train"]["num_workers"] == 1:  # no such device: stop before anything is written (workers check their own)
+        resolve_device(cfg["run"]["device"])
+    if address is not None and cfg["train"]["num_workers"] == 1:
+        raise UserError(f"--address {address} joins a Ray cluster for data-parallel training, but train.num_workers "
+                        f"is 1 (one process, no Ray); set --set train.num_workers=N, or leave --address out")
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_lock(run_dir):
         if (run_dir / "final.pt").exists():  # finished by another trainer since the check above
@@ -222,10 +226,14 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
     final, last = run_dir / "final.pt", run_dir / "last.pt"
     world = world or World()
     device = device or resolve_device(cfg["run"]["device"])
-    prepare_data(cfg)  # a stand-in dataset is made once (every worker waits for the first through its lock)
     lo, hi = world.share(t_cfg["batch_size"])
 
+    if not world.is_main:
+        world.barrier()  # rank 0 prepares (a stand-in) and downloads (data.download) first, alone
+    prepare_data(cfg)
     dataset = build_train_dataset(cfg)
+    if world.is_main:
+        world.barrier()
     conditioning = build_conditioning(cfg)
     schedule = build_schedule(cfg)
     method = build_method(cfg["run"]["method"], cfg["method"])
@@ -249,12 +257,13 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
             images, cond = calibration_batch(dataset, method.prepare_images, seed, device, conditioning)
             extra = {} if cond is None else {"cond": cond}  # methods for unconditional models need not take it
             method.prepare(model, images, schedule, _step_generator(seed, 0, salt=3), **extra)
+            if not world.same_everywhere(sum(p.numel() for p in model.parameters())):
+                raise UserError(f"method {cfg['run']['method']}: its preparation (pruning) chose different structures "
+                                f"on different workers (ties broken differently); train it with train.num_workers=1")
         load_state_into(ema, model.state_dict())
     # the optimizer is built after any change of structure, so that it holds the final parameters; on a
-    # GPU its fused kernel (one launch for all parameters) and TF32 matmuls for whatever bf16 leaves in fp32
+    # GPU its fused kernel (one launch for all parameters); TF32 matmuls while training (_tf32)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     optimizer = torch.optim.AdamW(parameter_groups(model, t_cfg), lr=t_cfg["lr"], betas=tuple(t_cfg["betas"]),
                                   **({"fused": True} if cuda else {}))
     ramped = ramped_parameters(model, loaded, t_cfg["ema_ramp"])
@@ -281,13 +290,14 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
     model.train()
     tick, images_since = time.perf_counter(), 0
     deadline = time.perf_counter() + t_cfg["max_seconds"] if t_cfg["max_seconds"] > 0 else float("inf")
-    with open(log_path if world.is_main else os.devnull, "a", newline="") as log_file:
+    with _tf32(cuda), open(log_path if world.is_main else os.devnull, "a", newline="") as log_file:
         log = csv.writer(log_file)
         for step, (x0, label) in zip(range(start, end), loader):
             if step >= joint and (step == joint or step == start):  # entering (or resuming) the calibration
                 begin_exit_calibration(model, ema)
             gen = _step_generator(seed, step)
-            torch.manual_seed(seed * 1_000_003 + step)  # dropout and anything else on the global RNG
+            # dropout and anything else on the global RNG; each worker its own masks (one process: as before)
+            torch.manual_seed((seed * 1_000_003 + step) * world.size + world.rank)
             # every draw is made for the whole batch and sliced, so that workers see what one process would
             batch = t_cfg["batch_size"]
             if cfg["data"]["flip"]:
@@ -348,6 +358,19 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
                  "config_hash": config_hash(cfg)}, final)
     last.unlink(missing_ok=True)
     return final
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TF32 matmuls while training on a GPU (for what bf16 autocast leaves in fp32), restored afterwards,
+    so that sampling in the same process (bench run) does not depend on whether this call trained."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def has_extras(model: nn.Module) -> bool:

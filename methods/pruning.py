@@ -320,6 +320,8 @@ class Pruning(Baseline):
             raise ValueError(f"pruning: ratio must be in [0, 1), got {self.ratio}")
         self.thr = float(hp["thr"])
         self.prepare_images = int(hp["calib_images"])  # train.py draws this many images for prepare
+        if self.prepare_images < 1:  # 0 would skip the pruning and fine-tune an unpruned model as "pruning"
+            raise ValueError(f"pruning: calib_images must be >= 1, got {hp['calib_images']}")
         self.max_steps = int(hp["max_steps"])
         self.stride = int(hp["stride"])
         if self.stride < 1 or self.max_steps < 1:

@@ -90,3 +90,22 @@ def test_user_errors_exit_2_without_traceback(tmp_path, monkeypatch, args, expec
     assert "error:" in out and "Traceback" not in out
     assert isinstance(result.exception, SystemExit)
     assert not (tmp_path / "runs").exists()  # failed before anything ran
+
+
+def test_config_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench.yaml").write_text((REPO / "bench.yaml").read_text())
+    result, out = _invoke("config", "--method", "static", "--set", "train.lr=1e-3", "--section", "train")
+    assert result.exit_code == 0, out
+    body, note = out.rsplit("# config hash ", 1)
+    assert yaml.safe_load(body) == {"train": yaml.safe_load(body)["train"]} and yaml.safe_load(body)["train"]["lr"] == 1e-3
+    assert "(the deediff run's weights): not trained yet" in note  # static reads DeeDiff's checkpoint
+    result, out = _invoke("config", "--json", "--section", "run")
+    assert result.exit_code == 0 and json.loads(result.stdout)["run"]["method"] == "baseline"
+    result, out = _invoke("config", "--section", "nonsense")
+    assert result.exit_code == 2 and "valid: run, data" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml"]  # no runs/, no results/, no cache

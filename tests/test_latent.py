@@ -294,7 +294,7 @@ def test_reading_a_stand_in_never_prepares_it(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
     for read in (lambda: dataset_checksum("imagenet256"), lambda: dataset_info("mscoco"),
                  lambda: build_dataset("imagenet256")):
-        with pytest.raises(DataError, match=r"stand-in is not prepared yet.*bench prepare"):
+        with pytest.raises(DataError, match=r"stand-in is not prepared yet.*bench train"):
             read()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
 

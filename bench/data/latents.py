@@ -76,8 +76,7 @@ def layout_path(name: str, path=None) -> Path:
         standin = standin_dir(name)
         if not is_finished(standin):
             raise DataError(f"dataset {name!r} has no path and its stand-in is not prepared yet ({standin}); "
-                            f"`bench prepare {name} --standin` makes it, and `bench train`, `bench eval` and "
-                            f"`bench run` prepare it themselves")
+                            f"`bench train`, `bench eval`, `bench run` and the sweeps prepare it when they start")
         return standin
     p = expand_path(path)
     if not p.exists():
