@@ -24,6 +24,32 @@ RUN_ID = re.compile(r"^(?P<hash>[0-9a-f]+)-(?P<experiment>.+)-(?P<sampler>.+?)(?
                     r"-b(?P<batch>\d+)-n(?P<n>\d+)-(?P<mode>[a-z0-9-]+?)-seed(?P<seed>-?\d+)$")
 
 
+# The columns of a runs.csv row, in order: bench.evaluate.measure writes them and the reporters
+# (bench.report.load) read them. OPTIONAL_COLUMNS appear only where they apply: FID's details (FID on),
+# the latent data and its encoders (latent datasets), the training time of a `bench run` call.
+ROW_COLUMNS = (
+    "experiment", "method", "backbone", "dataset", "profile", "scale", "sampler", "steps", "seed", "n_samples",
+    "batch_size", "mode", "device", "train_steps", "exit_calibration_steps", "dataset_checksum", "data_limit",
+    "config_hash", "checkpoint", "method_options", "sampler_options", "init_from", "condition", "guidance_scale",
+    "guidance_exit", "passes_per_call", "autoencoder", "latent_scale", "text_encoder", "encoders_random_init",
+    "standin", "threshold", "layer_ratio", "gflops", "gflops_convention", "seconds_per_image",
+    "full_seconds_per_image", "measured_speedup", "theoretical_speedup", "grid", "fid", "kid", "kid_std",
+    "fid_n_reference", "fid_method", "fid_reference", "train_seconds_this_call", "git_rev", "torch_version",
+    "torch_fidelity_version", "timestamp", "run_id")
+OPTIONAL_COLUMNS = frozenset({"autoencoder", "latent_scale", "text_encoder", "encoders_random_init", "standin",
+                              "kid_std", "fid_n_reference", "fid_method", "fid_reference", "train_seconds_this_call"})
+
+
+def ordered_row(values: dict) -> dict:
+    """A runs.csv row in column order. A required column missing, or one outside the schema, is a bug in
+    the harness: the schema is declared here, once."""
+    missing = [c for c in ROW_COLUMNS if c not in values and c not in OPTIONAL_COLUMNS]
+    unknown = [c for c in values if c not in ROW_COLUMNS]
+    if missing or unknown:
+        raise ValueError(f"a results row does not match bench.cell.ROW_COLUMNS: missing {missing}, unknown {unknown}")
+    return {c: values[c] for c in ROW_COLUMNS if c in values}
+
+
 def engine_label(sample: dict) -> str:
     """The `mode` column: the engine mode, plus the precision where it is not fp32 (realised-bf16), so that
     a bf16 cell is a cell of its own."""

@@ -2,6 +2,8 @@
 import csv
 import multiprocessing as mp
 
+import pytest
+
 from bench.store import CELL_KEY, append_row, has_cell, read_rows
 
 
@@ -111,3 +113,16 @@ def test_a_cell_names_itself_once():
     # the reporters use it and know only the CSVs: no torch behind it
     probe = "import sys, bench.cell, bench.store; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def test_the_row_schema_is_declared_once():
+    from bench.cell import OPTIONAL_COLUMNS, ROW_COLUMNS, ordered_row
+    from bench.report.load import RUN_COLUMNS
+
+    assert RUN_COLUMNS == ROW_COLUMNS and set(CELL_KEY) <= set(ROW_COLUMNS) and OPTIONAL_COLUMNS <= set(ROW_COLUMNS)
+    full = {c: "" for c in ROW_COLUMNS if c not in OPTIONAL_COLUMNS}
+    assert list(ordered_row(dict(reversed(list(full.items()))))) == list(full)  # put in schema order
+    with pytest.raises(ValueError, match="missing.*'fid'"):
+        ordered_row({k: v for k, v in full.items() if k != "fid"})
+    with pytest.raises(ValueError, match="unknown.*'typo'"):
+        ordered_row({**full, "typo": 1})

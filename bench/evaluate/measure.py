@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cell import CELL_KEY, Cell, engine_label
+from bench.cell import CELL_KEY, Cell, engine_label, ordered_row
 from bench.checkpoint import check_identity, load_checkpoint, load_weights_into
 from bench.conditioning import build_conditioning
 from bench.config import config_hash
@@ -128,7 +128,7 @@ def measure(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, prog
             **_fid_columns(m["images"], reference, cfg, device, progress, here.run_id),
             **(extra or {}), **provenance(),
         }
-        row["run_id"] = here.run_id
+        row = ordered_row({**row, "run_id": here.run_id})
         # the per-call and trajectory rows first, the runs.csv row last: a cell is stored (and skipped by a
         # rerun) only once all its files are; a kill in between leaves it to be measured again, whole
         _store_per_step(cfg, model, m, full, row["run_id"])

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.cell import ROW_COLUMNS
 from bench.errors import UserError
 from bench.store import read_rows
 
-# Columns the reporters read; any that a CSV lacks are added empty.
-RUN_COLUMNS = ("experiment", "method", "backbone", "dataset", "profile", "scale", "sampler", "steps", "seed",
-               "n_samples", "batch_size", "mode", "device", "train_steps", "config_hash", "checkpoint",
-               "method_options", "sampler_options", "threshold", "layer_ratio", "gflops", "gflops_convention",
-               "seconds_per_image", "measured_speedup", "grid", "fid", "kid", "fid_n_reference", "fid_reference",
-               "timestamp", "run_id", "passes_per_call",
-               # latent datasets (bench/data/latents.py latent_description): which data and encoders
-               "standin", "autoencoder", "encoders_random_init")
+# Columns the reporters read (the runs.csv schema, bench.cell.ROW_COLUMNS); any that a CSV lacks
+# (an older one) are added empty.
+RUN_COLUMNS = ROW_COLUMNS
 NUMERIC = ("steps", "seed", "n_samples", "batch_size", "train_steps", "layer_ratio", "gflops", "seconds_per_image",
            "measured_speedup", "fid", "kid", "fid_n_reference", "passes_per_call")
 # One measurement run: the rows that one `bench eval` wrote for one trained model (its thresholds).
