@@ -153,7 +153,7 @@ def train_data_parallel(cfg: dict, run_dir: Path, stop_at: int | None, progress:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from bench.ray_runtime import ray_runtime
+    from bench.ray_runtime import ray_runtime, ray_storage
 
     workers = cfg["train"]["num_workers"]
     with ray_runtime(address, echo) as cluster:
@@ -165,7 +165,6 @@ def train_data_parallel(cfg: dict, run_dir: Path, stop_at: int | None, progress:
              f"{'nccl' if res['gpu'] else 'gloo'})")
         loop_config = {"cfg": cfg, "run_dir": str(run_dir.resolve()), "stop_at": stop_at, "progress": progress,
                        "cwd": os.getcwd(), "threads": max(1, int(res["cpu"]))}
-        storage = cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray"
         trainer = TorchTrainer(
             _worker_loop, train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if res["gpu"] else "gloo"),
@@ -173,7 +172,7 @@ def train_data_parallel(cfg: dict, run_dir: Path, stop_at: int | None, progress:
                                                    resources_per_worker={"CPU": res["cpu"], **(
                                                        {"GPU": 1} if res["gpu"] else {})}),
             run_config=ray.train.RunConfig(name=f"train-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                           storage_path=str(Path(storage).resolve()),
+                                           storage_path=ray_storage(cfg),
                                            failure_config=ray.train.FailureConfig(max_failures=0)))
         try:
             trainer.fit()

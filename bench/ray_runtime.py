@@ -118,3 +118,10 @@ def _reload_auth_settings() -> None:
 def _cluster_info(ray) -> dict:
     resources = ray.cluster_resources()
     return {"cpus": float(resources.get("CPU", 0)), "gpus": float(resources.get("GPU", 0))}
+
+
+def ray_storage(cfg: dict) -> str:
+    """Where Ray keeps its own experiment state (Tune's and Train's): sweep.storage, else <runs_dir>/ray."""
+    from pathlib import Path
+
+    return str(Path(cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray").resolve())

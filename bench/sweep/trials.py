@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import ConfigError
+from bench.ray_runtime import ray_storage
 from bench.sweep.plan import check_sweep_section
 
 Echo = Callable[[str], Any]
@@ -72,8 +73,7 @@ def _trial_settings(cfg: dict, cluster: dict, *, local: bool, echo: Echo) -> dic
     if resources["gpu"] == 0 and device.startswith("cuda"):
         raise ConfigError(f"--device {device} asks for a GPU but the trials get none (sweep.gpus_per_trial, "
                           f"or the cluster has no GPU); use --device auto or cpu")
-    storage = cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray"
-    return {"resources": resources, "storage": str(Path(storage).resolve()), "threads": max(1, int(resources["cpu"])),
+    return {"resources": resources, "storage": ray_storage(cfg), "threads": max(1, int(resources["cpu"])),
             # a trial without a GPU must not pick one up through device "auto" (Ray only hides GPUs from
             # trials that ask for some)
             "device": "cpu" if resources["gpu"] == 0 and device == "auto" else device}
@@ -95,9 +95,8 @@ def _train_settings(cfg: dict, cluster: dict, *, local: bool, echo: Echo) -> dic
     if local and need > cluster["cpus"]:
         raise ConfigError(f"train.num_workers={workers} workers of train.cpus_per_worker={per_worker['cpu']:g} CPUs "
                           f"need {need:g} CPUs per trial; this machine offers Ray {cluster['cpus']:g}")
-    storage = cfg["sweep"]["storage"] or Path(cfg["run"]["runs_dir"]) / "ray"
     # Tune refuses an empty request: the trial asks for a token 1 MiB of memory, no CPU or GPU
-    return {"resources": {"cpu": 0, "gpu": 0, "memory": 2**20}, "storage": str(Path(storage).resolve()), "threads": 1,
+    return {"resources": {"cpu": 0, "gpu": 0, "memory": 2**20}, "storage": ray_storage(cfg), "threads": 1,
             "device": cfg["run"]["device"], "workers": (workers, per_worker),
             "max_concurrent": max(1, int(cluster["cpus"] // need)) if local else None}
 
