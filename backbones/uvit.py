@@ -231,8 +231,10 @@ class UViT(nn.Module):
         return {"x": self.out_blocks[i - n_in - 1](x, skips[-1]), "skips": list(skips[:-1])}
 
     def hidden(self, state: State) -> Tensor:
-        """The patch tokens (B, L, D), without the time and label tokens."""
-        return state["x"][:, self.extras:, :]
+        """The patch tokens (B, L, D), without the time and label tokens (a view: one narrow, as this is
+        read after every block where a method decides)."""
+        x = state["x"]
+        return x.narrow(1, self.extras, x.shape[1] - self.extras)
 
     head_keys = ("x",)  # what `head` reads of the state (the engine gathers only this for exits)
 

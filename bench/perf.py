@@ -7,7 +7,7 @@ In one process, as ratios against the full model measured alongside:
   each batch size; the realised speed-up against the theoretical one from the blocks that ran and
   from GMACs (the methods' exit modules counted); where nothing exits, the cost of deciding;
 - training: seconds per step of every method against the baseline's;
-- FID: Inception feature throughput of the harness's extractor (channels-last) against
+- FID: Inception feature throughput of the harness's extractor (batch norms folded, channels-last) against
   torch-fidelity's own extractor on the same images, and the largest difference of their features.
 
 Repeats are interleaved (case A, B, C, A, B, C, ...) so that a slow moment of the machine is shared by
@@ -189,8 +189,8 @@ def training_rows(models: dict, batch: int, repeats: int, device: torch.device, 
 
 
 def inception_rows(n: int, batch: int, repeats: int, device: torch.device, echo=print) -> list[dict]:
-    """The harness's extractor (channels-last) against torch-fidelity's as it comes, same weights, same
-    uint8 images: throughput and the largest relative difference of the 2048-d features."""
+    """The harness's extractor (batch norms folded, channels-last) against torch-fidelity's as it comes,
+    same weights, same uint8 images: throughput and the largest relative difference of the 2048-d features."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     from bench.evaluate.fid import FEATURE, feature_extractor
@@ -209,8 +209,9 @@ def inception_rows(n: int, batch: int, repeats: int, device: torch.device, echo=
                 feats[key] = torch.cat([model(images[i:i + batch])[0] for i in range(0, n, batch)]).double()
         return run
 
-    times = _interleaved({"torch-fidelity": extract(plain, "torch-fidelity"),
-                          "harness (channels-last)": extract(ours, "harness (channels-last)")}, repeats, device)
+    harness = "harness (BN folded, channels-last)"
+    times = _interleaved({"torch-fidelity": extract(plain, "torch-fidelity"), harness: extract(ours, harness)},
+                         repeats, device)
     ref = feats["torch-fidelity"]
     rows = []
     for key, values in times.items():

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods import METHODS
@@ -31,7 +30,9 @@ from methods.common import exit_predictions, hidden_shapes, per_sample_mse, reso
 
 DEFAULTS = dict(compare="auto")
 CHOICES = dict(compare=("auto", "hidden", "prediction"))
-PREVIOUS = "calm_previous"  # ctx key: (B, F) flattened representation of the previous exit
+PREVIOUS = "calm_previous"  # ctx key: (B, ...) representation of the previous exit (a view, not a copy)
+PREVIOUS_NORM = "calm_previous_norm"  # ctx key: (B,) its L2 norm over the sample, computed once
+COSINE_EPS = 1e-8  # F.cosine_similarity's: each norm is clamped to at least this
 
 
 @METHODS.register("calm", help="CALM: exit when consecutive exits agree (cosine), layer-weighted loss, LTT")
@@ -74,29 +75,34 @@ class CALM(Method):
     def decide(self, model: DiffusionModel, i: int, state: dict, ctx: dict, threshold: float) -> Tensor:
         bb = model.backbone
         rep = bb.hidden(state) if self.compare(bb) == "hidden" else bb.head(state, i)
-        rep = rep.flatten(1).float()  # (B, F)
+        rep = rep.float()  # (B, ...); float32 already: no copy. The hidden state is a strided view, read in place
+        dims = tuple(range(1, rep.dim()))
+        norm = torch.linalg.vector_norm(rep, dim=dims).clamp_min(COSINE_EPS)
         previous = ctx.get(PREVIOUS)
         if i == 0 or previous is None:
             similarity = rep.new_zeros(rep.shape[0])  # no previous exit: confidence 0
         else:
-            # clamped: rounding can put the cosine of near-equal vectors just above 1, and threshold 1.0
-            # must mean "never exit"
-            similarity = F.cosine_similarity(rep, previous, dim=1).clamp(-1.0, 1.0)
-        ctx[PREVIOUS] = rep
+            # F.cosine_similarity over the whole sample, with each norm computed once (the previous
+            # block's is kept); clamped: rounding can put the cosine of near-equal vectors just above 1,
+            # and threshold 1.0 must mean "never exit"
+            dot = (rep * previous).sum(dims)
+            similarity = (dot / (norm * ctx[PREVIOUS_NORM])).clamp(-1.0, 1.0)
+        ctx[PREVIOUS], ctx[PREVIOUS_NORM] = rep, norm
         return similarity > threshold
 
     def decide_gmacs(self, model: DiffusionModel) -> list[float]:
-        """GMACs per sample that `decide` adds after block i: the cosine (3 F multiply-adds), plus the
-        exit head on the U-Net (from backbone.flops_per_part, fvcore); last entry 0."""
+        """GMACs per sample that `decide` adds after block i: the cosine (2 F multiply-adds: the dot
+        product and this exit's norm; the previous exit's norm is kept), plus the exit head on the U-Net
+        (from backbone.flops_per_part, fvcore); last entry 0."""
         bb = model.backbone
         last = bb.num_exits - 1
         if self.compare(bb) == "hidden":
             sizes = [math.prod(shape) for shape in hidden_shapes(bb)]
-            return [3 * sizes[i] / 1e9 if i < last else 0.0 for i in range(last + 1)]
+            return [2 * sizes[i] / 1e9 if i < last else 0.0 for i in range(last + 1)]
         flops = bb.flops_per_part()
         out = bb.output_info
         pixels = out.channels * out.size**2
-        return [flops[f"head_{i}"] + 3 * pixels / 1e9 if i < last else 0.0 for i in range(last + 1)]
+        return [flops[f"head_{i}"] + 2 * pixels / 1e9 if i < last else 0.0 for i in range(last + 1)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,20 +88,34 @@ class PixelMap(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, h: Tensor, model_t: Tensor | None = None, as_image: bool = True) -> Tensor:
-        """The map's logits, (B, C, H, W). as_image=False skips what only rearranges or repeats values
-        (unpatchify; an integer nearest upsampling): the same values in another layout, for a statistic
-        that does not depend on it (a per-sample mean, the exit rule), without the copies."""
-        y = self.proj(h)  # U-ViT: (B, L, p*p*C); U-Net: (B, C, H_i, W_i)
-        if self.time is not None:
-            emb = timestep_embedding(batch_time(model_t, h.shape[0]), self.time_dim).to(y.dtype)
-            y = y + (self.time(emb)[:, None, :] if self.tokens else self.time(emb)[:, :, None, None])
-        if not as_image and (self.tokens or self.size % y.shape[-1] == 0):
-            return y
+    def forward(self, h: Tensor, model_t: Tensor | None = None) -> Tensor:
+        """The map's logits, (B, C, H, W)."""
+        y = self._logits(h, model_t)  # U-ViT: (B, L, p*p*C); U-Net: (B, C, H_i, W_i)
         if self.tokens:
             return unpatchify(y, self.channels, self.patch_size)  # (B, C, H, W)
         if y.shape[-1] != self.size:
             y = F.interpolate(y, size=(self.size, self.size), mode="nearest")
+        return y
+
+    def mean_sigmoid(self, h: Tensor, model_t: Tensor | None = None) -> Tensor:
+        """Per-sample mean of sigmoid(map) in float32, (B,): what an exit rule reads (DeeDiff's mean
+        uncertainty), at the least cost, because it runs after every block. A mean does not depend on the
+        layout, so the tokens are not unpatchified and an integer nearest upsampling (which repeats every
+        value equally often) is skipped; patch tokens that are a slice of a longer sequence (U-ViT's hidden
+        state) are read in place by a batched matrix product, where a linear layer would copy them first."""
+        y = self._logits(h, model_t, in_place=True)
+        if not self.tokens and self.size % y.shape[-1]:
+            y = F.interpolate(y, size=(self.size, self.size), mode="nearest")
+        return torch.sigmoid_(y.float()).flatten(1).mean(1)
+
+    def _logits(self, h: Tensor, model_t: Tensor | None, in_place: bool = False) -> Tensor:
+        if self.tokens and in_place and h.dim() == 3:
+            y = torch.baddbmm(self.proj.bias, h, self.proj.weight.t().expand(h.shape[0], -1, -1))
+        else:
+            y = self.proj(h)
+        if self.time is not None:
+            emb = timestep_embedding(batch_time(model_t, h.shape[0]), self.time_dim).to(y.dtype)
+            y = y + (self.time(emb)[:, None, :] if self.tokens else self.time(emb)[:, :, None, None])
         return y
 
     def gmacs(self, hidden_shape: tuple[int, ...]) -> float:

@@ -139,20 +139,18 @@ class DeeDiff(Method):
 
     def decide(self, model: DiffusionModel, i: int, state: dict, ctx: dict, threshold: float) -> Tensor:
         bb = model.backbone
-        hidden = bb.hidden(state)
-        t = batch_time(ctx["model_t"], hidden.shape[0])
-        # the mean of u_i over the map's values; their layout (patches or pixels) does not change it
-        score = torch.sigmoid(model.extras["uem"][i](hidden, t, as_image=False).float()).flatten(1).mean(1)
+        # the mean of u_i over the map's values (PixelMap.mean_sigmoid: a few kernels, as this runs after
+        # every block); their layout (patches or pixels) does not change it
+        score = model.extras["uem"][i].mean_sigmoid(bb.hidden(state), ctx["model_t"])
         below = score < threshold                                          # (B,)
         if self.hp["exit_rule"] == "batch_mean":
             below = (score.mean() < threshold).expand_as(below)
         if self.hp["patience"] == 0 or i >= encoder_exits(bb):
             return below
-        count = ctx.get(CROSSINGS)
-        count = torch.zeros_like(score, dtype=torch.long) if count is None or i == 0 else count
-        count = count + below.long()
+        count = ctx.get(CROSSINGS) if i > 0 else None
+        count = below.long() if count is None else count + below           # crossings so far
         if self.hp["patience_reset"]:
-            count = torch.where(below, count, torch.zeros_like(count))
+            count = count * below                                          # a miss resets the count
         ctx[CROSSINGS] = count
         return count > self.hp["patience"]
 

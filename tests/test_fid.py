@@ -65,6 +65,21 @@ def test_converted_extractor_matches_torchscript(cache, extractor):
     assert inception.compare_features(scripted, extractor, images) < 1e-5
 
 
+def test_folded_extractor_equals_torch_fidelitys_own(cache, extractor):
+    """The harness folds the batch norms into the convolutions: the features must stay torch-fidelity's."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    plain = FeatureExtractorInceptionV3("inception-v3-compat", [fidmod.FEATURE],
+                                        feature_extractor_weights_path=str(ensure_inception_weights(cache))).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8, generator=gen)
+    with torch.no_grad():
+        ours, theirs = extractor(images)[0].double(), plain(images)[0].double()
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+
+
 def test_cached_weights_are_reused_without_a_source(cache, monkeypatch):
     monkeypatch.setattr(inception, "find_torchscript", lambda: pytest.fail("converted again"))
     assert ensure_inception_weights(cache).is_file()

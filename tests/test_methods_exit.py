@@ -284,11 +284,12 @@ def test_calm_signal_and_loss():
     state, ctx = bb.prepare(x_t, t), {"model_t": t}
     state = bb.run_block(0, state)
     assert method.decide(model, 0, state, ctx, -0.5).all()  # similarity 0 at the first exit
+    after_first = dict(ctx)
     h0 = bb.hidden(state).flatten(1).detach()
     state = bb.run_block(1, state)
     cos = nn.functional.cosine_similarity(bb.hidden(state).flatten(1), h0, dim=1).detach()
     assert method.decide(model, 1, state, ctx, float(cos.min()) - 1e-4).all()
-    assert not method.decide(model, 1, dict(state), {"model_t": t, "calm_previous": h0}, float(cos.max()) + 1e-4).any()
+    assert not method.decide(model, 1, dict(state), after_first, float(cos.max()) + 1e-4).any()
     loss, _ = method.loss(model, x_t, t, eps)
     preds = exit_predictions(model, x_t, t).preds
     n = len(preds)

@@ -120,21 +120,24 @@ class EarlyExitModel:
     def _run(self, x: Tensor, model_t: Tensor, cond: Tensor | None, paired: bool) -> Tensor:
         """Block by block over the active samples. Bookkeeping costs one host sync per block where the
         method decides (how many stop); samples leave by index gathers, and an exiting sample's state is
-        gathered only as far as the head reads it (the backbone's `head_keys`)."""
+        gathered only as far as the head reads it (the backbone's `head_keys`). Where every active sample
+        ends at once (the last block, or all of them stop) the head's output is written without gathers."""
         bb, last = self.backbone, self.backbone.num_exits - 1
         batch = x.shape[0]
         state = bb.prepare(x, model_t, cond)
         ctx = {"model_t": model_t}  # per-sample context a method may extend (batch-first tensors only)
-        out = torch.empty_like(x)
+        out = None           # the prediction; allocated when the first samples leave before the others
         exit_block = torch.full((batch,), last, dtype=torch.long, device=x.device)
-        active = torch.arange(batch, device=x.device)   # positions (in x) of the samples still running
-        undecided = torch.ones(batch, dtype=torch.bool, device=x.device)  # simulate: not yet stopped
+        active = None        # positions (in x) of the samples still running; None: all of them, in order
+        undecided = None     # simulate: the samples not yet stopped (bool (B,)); None: all of them
         head_keys = getattr(bb, "head_keys", None)
         for i in range(bb.num_exits):
             state = bb.run_block(i, state)
-            self.record.blocks_run += len(active)
+            self.record.blocks_run += batch if active is None else len(active)
             if i == last:
-                if self.mode == "realised":
+                if out is None:  # nobody left early: the head's output is the output
+                    out = bb.head(state, i).to(x.dtype)
+                elif self.mode == "realised":
                     out[active] = bb.head(state, i).to(out.dtype)
                 else:  # simulate: every sample ran every block; those not yet stopped take the last head
                     rows = undecided.nonzero().squeeze(1)
@@ -147,23 +150,31 @@ class EarlyExitModel:
             stop = stop.to(torch.bool)
             if paired:
                 stop = self._pair(stop)
-            if self.mode == "simulate":
+            if undecided is not None:
                 stop = stop & undecided
             n_stop = int(stop.sum())  # the one host sync of this block
             if n_stop == 0:
                 continue
+            if n_stop == len(stop) and self.mode == "realised":  # every active sample stops here
+                if out is None:
+                    out = bb.head(state, i).to(x.dtype)
+                    exit_block.fill_(i)
+                else:
+                    out[active] = bb.head(state, i).to(out.dtype)
+                    exit_block[active] = i
+                break
             # stable order: the samples that go on first, then those that stop, each in batch order
             order = torch.argsort(stop.to(torch.int8), stable=True)
             leaving, staying = order[len(stop) - n_stop:], order[:len(stop) - n_stop]
-            rows = leaving if self.mode == "simulate" else active[leaving]
+            rows = leaving if active is None else active[leaving]
+            if out is None:
+                out = torch.empty_like(x)
             out[rows] = bb.head(select_state(state, leaving, head_keys), i).to(out.dtype)
             exit_block[rows] = i
             if self.mode == "simulate":
-                undecided[rows] = False
+                undecided = ~stop if undecided is None else undecided & ~stop
                 continue
-            if len(staying) == 0:
-                break
-            active = active[staying]
+            active = staying if active is None else active[staying]
             state, ctx = select_state(state, staying), select_state(ctx, staying)
         self.record.add(exit_block[:batch // 2 if paired else batch], model_t)
         return out

@@ -52,7 +52,8 @@ _EXTRACTORS: dict[tuple[str, str], torch.nn.Module] = {}
 
 def feature_extractor(device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
                       allow_download: bool = False) -> torch.nn.Module:
-    """torch-fidelity's FeatureExtractorInceptionV3 (feature '2048') on ``device``, channels-last, eval,
+    """torch-fidelity's FeatureExtractorInceptionV3 (feature '2048') on ``device``, batch norms folded into the
+    convolutions (`fold_batch_norms`), channels-last, eval,
     weights from ``ensure_inception_weights`` (built once per device and weights file).
 
     ``allow_download``: where no local weights exist, let torch-fidelity fetch its own from GitHub.
@@ -71,8 +72,31 @@ def feature_extractor(device: str | torch.device = "cpu", cache_dir: str | os.Pa
             load_converted(path)  # tensors only; torch-fidelity then reads it with weights_only=False
         model = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE],
                                             feature_extractor_weights_path=path)
+        model = fold_batch_norms(model.eval())
         _EXTRACTORS[key] = model.to(device).to(memory_format=torch.channels_last).eval()
     return _EXTRACTORS[key]
+
+
+@torch.no_grad()
+def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm2d that follows a bias-free Conv2d (torch-fidelity's BasicConv2d:
+    conv, bn, relu) into the convolution: W' = W * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps).
+
+    The same function of the input, one pass over every activation fewer (about 1.15x on two CPU
+    cores; `bench perf`); the features differ from torch-fidelity's only by float rounding (about 1e-6
+    relative, checked in tests/test_fid.py)."""
+    for module in model.modules():
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if not (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) and conv.bias is None):
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                 conv.padding, conv.dilation, conv.groups, bias=True,
+                                 device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.weight.copy_(conv.weight * scale[:, None, None, None])
+        folded.bias.copy_(bn.bias - bn.running_mean * scale)
+        module.conv, module.bn = folded, torch.nn.Identity()
+    return model
 
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
