@@ -298,7 +298,8 @@ def perf_command(batch_sizes: str = typer.Option("1,16,64", "--batch-sizes", hel
                                                       "extractor's throughput (0: skip)"),
                  device: Optional[str] = DEVICE, results: Optional[str] = RESULTS) -> None:
     """Realised speed of early exit against full depth, training-step and FID-extractor cost, as ratios
-    measured in one process; rows to <results>/perf.csv, figure <results>/perf.png."""
+    measured in one process; rows to <results>/perf.csv, figure <results>/perf.png (perf-<model>.png for
+    another model or --init)."""
     from bench.config import ConfigError, parse_override
     from bench.perf import run_perf
 

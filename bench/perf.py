@@ -11,7 +11,8 @@ In one process, as ratios against the full model measured alongside:
   torch-fidelity's own extractor on the same images, and the largest difference of their features.
 
 Repeats are interleaved (case A, B, C, A, B, C, ...) so that a slow moment of the machine is shared by
-all cases; rows hold the median and the spread (min, max) and name the machine. Random weights by
+all cases; a measured speed-up is the median over repeats of the ratio to the full-depth run of the same
+round (`paired_speedup`); rows hold the median and the spread (min, max) and name the machine. Random weights by
 default (exit positions then follow from thresholds that force them); `init` loads a checkpoint's
 backbone into every model (and a DeeDiff checkpoint's UEMs into DeeDiff's).
 """
@@ -95,6 +96,13 @@ def _interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch
     return times
 
 
+def paired_speedup(full: list[float], case: list[float]) -> float:
+    """Median over repeats of full / case, each repeat's case against the full run just before it: a slow
+    stretch of the machine (shared by the neighbours in the interleaved order) cancels in each ratio,
+    where a ratio of medians would compare different moments."""
+    return statistics.median(f / c for f, c in zip(full, case))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,7 +135,7 @@ def sampling_rows(models: dict, batch_sizes: list[int], steps: int, repeats: int
             runs[label] = run
         times = _interleaved(runs, repeats, device)
         full_label = SAMPLING_CASES[0][0]
-        full_s = statistics.median(times[full_label])
+        full_times = times[full_label]
         full_model = models["baseline"][2]
         flops = full_model.backbone.flops_per_part()
         full_gmacs = gflops_per_call(flops, engines[full_label].record)
@@ -144,7 +152,7 @@ def sampling_rows(models: dict, batch_sizes: list[int], steps: int, repeats: int
                              model.backbone.num_exits), 4),
                          "seconds_per_image": round(spread["median"], 6), "seconds_min": round(spread["min"], 6),
                          "seconds_max": round(spread["max"], 6), "repeats": spread["repeats"],
-                         "measured_speedup": round(full_s / statistics.median(times[label]), 4),
+                         "measured_speedup": round(paired_speedup(full_times, times[label]), 4),
                          "speedup_from_blocks": round(blocks_full / max(record.blocks_run, 1), 4),
                          "speedup_from_gmacs": round(full_gmacs / gmacs, 4), "gmacs_per_call": round(gmacs, 5)})
             echo(f"batch {batch:4d}  {label:24s} layers {rows[-1]['layer_ratio']:.3f}  "
@@ -230,8 +238,8 @@ def run_perf(batch_sizes: list[int], *, steps: int = 10, repeats: int = 5, backb
              dataset: str = "mnist", kwargs: dict | None = None, device: str = "auto", init: str | None = None,
              precision: str = "fp32", train_batch: int = 64, inception_images: int = 64, results: str | Path = "results",
              echo=print) -> list[dict]:
-    """Every part of the benchmark; rows go to <results>/perf.csv (replacing this machine's earlier ones)
-    and a figure to <results>/perf.png."""
+    """Every part of the benchmark; rows go to <results>/perf.csv (replacing this machine's earlier ones
+    of the same model) and a figure to <results>/perf.png (`figure_name`: another model's has its own)."""
     from bench.store import append_rows, provenance
 
     dev = resolve_device(device)
@@ -249,8 +257,17 @@ def run_perf(batch_sizes: list[int], *, steps: int = 10, repeats: int = 5, backb
     out = Path(results)
     append_rows(out / "perf.csv", rows, force=True,
                 key=("machine", "backbone", "kwargs", "weights", "kind", "case", "batch_size", "precision"))
-    perf_figure(rows, out / "perf.png")
+    perf_figure(rows, out / figure_name(backbone, kwargs, init))
     return rows
+
+
+def figure_name(backbone: str = "uvit_tiny", kwargs: dict | None = None, init: str | None = None) -> str:
+    """perf.png for the default model (the tiny U-ViT, random weights); perf-<what differs>.png otherwise,
+    so that a run on another model does not replace the default's figure."""
+    parts = [] if backbone == "uvit_tiny" else [backbone]
+    parts += [f"{key}{value}" for key, value in sorted((kwargs or {}).items())]
+    parts += [Path(init).stem] if init else []
+    return "-".join(["perf", *parts]).replace("/", "_") + ".png"
 
 
 def perf_figure(rows: list[dict], path: Path) -> Path:
@@ -275,7 +292,8 @@ def perf_figure(rows: list[dict], path: Path) -> Path:
         ax.set_title(f"batch {batch}")
         ax.set_xlabel("speed-up over full depth")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{rows[0]['machine']}, {rows[0]['backbone']}, weights {rows[0]['weights']}", fontsize=9)
+    kwargs = "" if str(rows[0]["kwargs"]) in ("", "{}") else f" {rows[0]['kwargs']}"
+    fig.suptitle(f"{rows[0]['machine']}, {rows[0]['backbone']}{kwargs}, weights {rows[0]['weights']}", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -205,6 +205,24 @@ def test_shared_uem_and_unet_maps():
     assert torch.equal(m(h), expected) and expected.shape == (2, bb.out_ch, 28, 28)
 
 
+@pytest.mark.parametrize("backbone", [UVIT, UNET], ids=["uvit", "unet"])
+@pytest.mark.parametrize("uem_time", ["token", "concat"])
+def test_exit_rule_mean_equals_the_mean_of_the_map(backbone, uem_time):
+    """DeeDiff's exit rule reads mean_sigmoid (no unpatchify, tokens read in place, outputs-major): it must
+    be the per-sample mean of the uncertainty map u_i the UEM is trained on."""
+    model, method = build(backbone, "deediff", {"uem_time": uem_time})
+    bb, (x_t, t, _) = model.backbone, batch(3)
+    state = bb.prepare(x_t, t)
+    with torch.no_grad():
+        for p in model.extras.parameters():  # maps that vary over pixels and samples, and a bias that counts
+            p.mul_(200.0).add_(torch.randn_like(p))
+        for i in range(bb.num_exits):
+            state = bb.run_block(i, state)
+            hidden, uem = bb.hidden(state), model.extras["uem"][i]
+            expected = method.uncertainty(model, i, hidden, t).flatten(1).mean(1)
+            torch.testing.assert_close(uem.mean_sigmoid(hidden, t), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_uncertainty_maps_and_hparam_errors():
     model, method = build(UVIT, "deediff")
     x_t, t, _ = batch(2)
