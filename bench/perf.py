@@ -257,17 +257,22 @@ def run_perf(batch_sizes: list[int], *, steps: int = 10, repeats: int = 5, backb
     out = Path(results)
     append_rows(out / "perf.csv", rows, force=True,
                 key=("machine", "backbone", "kwargs", "weights", "kind", "case", "batch_size", "precision"))
-    perf_figure(rows, out / figure_name(backbone, kwargs, init))
+    perf_figure(rows, out / figure_name(backbone, kwargs, init, dataset, precision, str(dev)))
     return rows
 
 
-def figure_name(backbone: str = "uvit_tiny", kwargs: dict | None = None, init: str | None = None) -> str:
-    """perf.png for the default model (the tiny U-ViT, random weights); perf-<what differs>.png otherwise,
-    so that a run on another model does not replace the default's figure."""
+def figure_name(backbone: str = "uvit_tiny", kwargs: dict | None = None, init: str | None = None,
+                dataset: str = "mnist", precision: str = "fp32", device: str = "cpu") -> str:
+    """perf.png for the default measurement (the tiny U-ViT on MNIST's geometry, random weights, fp32, on
+    the CPU); perf-<what differs>.png otherwise, so that another measurement does not replace it."""
     parts = [] if backbone == "uvit_tiny" else [backbone]
+    parts += [] if dataset == "mnist" else [dataset]
     parts += [f"{key}{value}" for key, value in sorted((kwargs or {}).items())]
-    parts += [Path(init).stem] if init else []
-    return "-".join(["perf", *parts]).replace("/", "_") + ".png"
+    parts += [f"{Path(init).parent.name}_{Path(init).stem}"] if init else []  # runs/<run>/final.pt: the run
+    parts += [] if precision == "fp32" else [precision]
+    parts += [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+    name = "-".join(["perf", *parts])
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"
 
 
 def perf_figure(rows: list[dict], path: Path) -> Path:

@@ -80,6 +80,27 @@ def test_folded_extractor_equals_torch_fidelitys_own(cache, extractor):
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
 
 
+def test_fold_batch_norms_is_the_same_function():
+    """conv -> bn -> relu (torch-fidelity's BasicConv2d) with random statistics and affine parameters
+    (the converted Inception weights have every gamma = 1, so the test above cannot see a lost gamma)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+
+    torch.manual_seed(0)
+    block = BasicConv2d(3, 8, kernel_size=3, stride=2, padding=1)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(block.bn, name).copy_(torch.randn(8))
+        block.bn.running_var.copy_(torch.rand(8) + 0.5)
+    x = torch.randn(2, 3, 17, 17)
+    with torch.no_grad():
+        expected = block.eval()(x)
+        folded = fidmod.fold_batch_norms(block)
+        assert isinstance(folded.bn, torch.nn.Identity) and not folded.conv.weight.requires_grad
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fidmod.fold_batch_norms(BasicConv2d(3, 8, kernel_size=1).train())
+
+
 def test_cached_weights_are_reused_without_a_source(cache, monkeypatch):
     monkeypatch.setattr(inception, "find_torchscript", lambda: pytest.fail("converted again"))
     assert ensure_inception_weights(cache).is_file()

@@ -163,17 +163,24 @@ def test_train_step_and_sampling(name, backbone):
 
 
 @pytest.mark.parametrize("backbone", [UVIT, UNET], ids=["uvit", "unet"])
-def test_deediff_realised_equals_simulate_with_mixed_exits(backbone):
+@pytest.mark.parametrize("name,thresholds", [("deediff", torch.linspace(0.3, 0.6, 13)),
+                                            # CALM at random init: consecutive U-ViT states agree to about
+                                            # 0.9997, consecutive U-Net predictions to -0.2..0.35
+                                            ("calm", torch.cat([torch.linspace(0.9996, 0.9999, 31),
+                                                                torch.linspace(-0.2, 0.35, 56)]))],
+                         ids=["deediff", "calm"])
+def test_realised_equals_simulate_with_mixed_exits(backbone, name, thresholds):
     """Samples that exit at different blocks: the realised engine (which drops them from the batch and
-    from ctx) agrees with the simulate mode (which keeps everyone) on exits and predictions."""
-    model, method = build(backbone, "deediff")
+    from ctx, e.g. CALM's previous representation and its norm) agrees with the simulate mode (which
+    keeps everyone) on exits and predictions."""
+    model, method = build(backbone, name)
     model.eval()
     with torch.no_grad():
         for p in model.extras.parameters():
-            p.mul_(200.0)  # uncertainty that varies from sample to sample
+            p.mul_(200.0)  # DeeDiff: uncertainty that varies from sample to sample
     x_t, t, _ = batch(6)
     with torch.no_grad():
-        for threshold in torch.linspace(0.3, 0.6, 13).tolist():
+        for threshold in thresholds.tolist():
             sim = EarlyExitModel(model, method, threshold, mode="simulate")
             out_sim = sim(x_t, t)
             if len(set(sim.record.exit_blocks[-1].tolist())) > 1:
