@@ -436,6 +436,11 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"sample.guidance_exit must be one of {', '.join(GUIDANCE_EXITS)}; got {s['guidance_exit']!r}")
 
 
+# Method keys added after runs were stored, with the value that keeps the earlier behaviour: at that
+# value they stay out of the hash, so that the earlier runs' hashes (and their checkpoints) still hold.
+ADDED_METHOD_KEYS = {"deediff": {"uem_target": "noise"}}
+
+
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
     relevant = {key: cfg[key] for key in sections}
@@ -456,7 +461,9 @@ def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train"
             train.pop("ema_ramp")  # from scratch, every parameter is fresh: the ramp applies to all alike
         relevant["train"] = train
     if "method" in relevant:  # the operating point and the sweep grid do not change the trained model
-        relevant["method"] = {k: v for k, v in cfg["method"].items() if k not in ("threshold", "thresholds")}
+        neutral = ADDED_METHOD_KEYS.get(cfg["run"]["method"], {})
+        relevant["method"] = {k: v for k, v in cfg["method"].items()
+                              if k not in ("threshold", "thresholds") and not (k in neutral and neutral[k] == v)}
     relevant["run"] = {key: cfg["run"][key] for key in ("seed", "method", "dataset")}
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -41,6 +41,14 @@ Hyper-parameters (bench.yaml `methods: deediff:`):
                             threshold crossed patience + 1 times (official: 1); 0 exits at once
   patience_reset false      false: crossings count cumulatively (official: its counter is never
                             reset); true: they must be consecutive
+  uem_target     noise      what u_i learns to predict. noise (eq. 9, the paper and the code):
+                            tanh|g_i - eps|, the exit's error in the noise it predicts. data (ours,
+                            not in the paper): tanh(sigma_t / alpha_t |g_i - eps|) = tanh|x0_i - x0|,
+                            the error of the clean image the exit implies (x0_i = (x_t - sigma_t g_i)
+                            / alpha_t). At high noise every exit's noise error is small, so eq. 9 lets
+                            exits happen where an error in x0 is largest (results/mnist_study/README.md,
+                            finding 3); the data target moves them to low noise. Measured there: worse
+                            at every layer ratio, so eq. 9 stays the default
 """
 from __future__ import annotations
 
@@ -54,10 +62,11 @@ from methods.common import (batch_time, encoder_exits, exit_predictions, exit_wi
 
 DEFAULTS = dict(lambda_u=1.0, beta_ual=1.0, layerwise_loss=True, ual_detach=None, loss_form="official",
                 uem_time="token", uem_time_dim=None, shared_uem=False, exit_rule="per_sample",
-                patience=1, patience_reset=False)
+                patience=1, patience_reset=False, uem_target="noise")
 CHOICES = dict(loss_form=("paper", "official"), uem_time=("token", "concat"),
                exit_rule=("per_sample", "batch_mean"), ual_detach=(None, True, False),
-               layerwise_loss=(True, False), shared_uem=(True, False), patience_reset=(True, False))
+               layerwise_loss=(True, False), shared_uem=(True, False), patience_reset=(True, False),
+               uem_target=("noise", "data"))
 CROSSINGS = "deediff_crossings"  # ctx key: (B,) count of threshold crossings in the first half
 
 
@@ -111,7 +120,8 @@ class DeeDiff(Method):
         # the UEM reads the detached hidden state: its loss does not shape the backbone (official code)
         u = [self.uncertainty(model, i, h.detach(), t) for i, h in enumerate(out.hiddens)]
         errors = [g.float() - eps for g in out.preds]                      # g_i(h_i) - eps
-        u_hat = [torch.tanh(e.abs()).detach() for e in errors]            # eq. 9, per pixel
+        scale = self._target_scale(model_t, x_t)                          # 1, or sigma_t / alpha_t
+        u_hat = [torch.tanh(e.abs() * scale).detach() for e in errors]    # eq. 9 per pixel (or in data space)
         u_terms = [(ui - uh).pow(2).mean() for ui, uh in zip(u, u_hat)]   # ||u_i - u_hat_i||^2 (mean)
 
         l_simple = errors[-1].pow(2).mean()
@@ -134,6 +144,18 @@ class DeeDiff(Method):
         loss = l_simple + self.hp["lambda_u"] * l_u + self.hp["beta_ual"] * l_ual  # eq. 13
         logs = {"loss": loss.item(), "l_simple": l_simple.item(), "l_u": l_u.item(), "l_ual": l_ual.item()}
         return loss, logs
+
+    def _target_scale(self, model_t: Tensor, x_t: Tensor) -> Tensor | float:
+        """The factor on |g_i - eps| in the pseudo target: 1 for eq. 9; sigma_t / alpha_t per sample for
+        uem_target: data, since x0_i - x0 = -(sigma_t / alpha_t) (g_i - eps) when x_t = alpha_t x0 + sigma_t eps."""
+        if self.hp["uem_target"] == "noise":
+            return 1.0
+        if self.schedule is None:
+            raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule (method.schedule), which "
+                               "training sets before the first step")
+        t = self.schedule.from_model_time(batch_time(model_t, x_t.shape[0]).detach().cpu())
+        ratio = (self.schedule.sigma(t) / self.schedule.alpha(t)).to(x_t.device, torch.float32)
+        return ratio.view(-1, *([1] * (x_t.dim() - 1)))
 
     # ---- inference ---------------------------------------------------------------------
 

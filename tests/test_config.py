@@ -1,4 +1,5 @@
 """The configuration: defaults, bench.yaml, profiles, overrides, errors, hashes (bench/config.py)."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,18 @@ def test_config_hash(cfg):
     # what does not change the trained weights does not change the hash
     assert config_hash(resolve(cfg, overrides=["sample.steps=3", "sample.n_samples=4"])) == h
     assert config_hash(resolve(cfg, run={"results": "elsewhere"}, overrides=["run.runs_dir=x"])) == h
+
+
+def test_config_hash_of_an_added_method_key(cfg):
+    """A method key added later (deediff's uem_target) is out of the hash at the value that keeps the
+    earlier behaviour, so that stored runs and checkpoints keep their hashes; any other value is in."""
+    run = {"profile": "tiny", "dataset": "mnist", "method": "deediff"}
+    stored = resolve(cfg, run=run)
+    assert stored["method"]["uem_target"] == "noise"
+    before = copy.deepcopy(stored)
+    del before["method"]["uem_target"]  # a configuration from before the key existed
+    assert config_hash(stored) == config_hash(before)
+    assert config_hash(resolve(cfg, run=run, overrides=["methods.deediff.uem_target=data"])) != config_hash(stored)
 
 
 def test_open_sections_take_any_keys(tmp_path):

@@ -55,10 +55,11 @@ def _unpatchify(tokens, channels, p):
 @pytest.mark.parametrize("hparams", [
     {}, {"layerwise_loss": False}, {"uem_time": "concat"}, {"ual_detach": False},
     {"loss_form": "paper"}, {"loss_form": "paper", "layerwise_loss": False}, {"loss_form": "paper", "ual_detach": False},
-    {"lambda_u": 0.5, "beta_ual": 2.0},
+    {"lambda_u": 0.5, "beta_ual": 2.0}, {"uem_target": "data"},
 ], ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 def test_deediff_loss_by_hand(hparams):
     model, method = build(UVIT, "deediff", hparams)
+    method.schedule = VPSDE()  # as training sets it (uem_target: data reads alpha_t and sigma_t)
     bb = model.backbone
     with torch.no_grad():  # UEM maps away from 0.5 so that the weights matter
         for p in model.extras.parameters():
@@ -80,7 +81,14 @@ def test_deediff_loss_by_hand(hparams):
     eps = eps.double()
     n = bb.num_exits
     l_simple = ((g[-1] - eps) ** 2).mean()
-    l_u = sum(((u[i] - torch.tanh((g[i] - eps).abs())) ** 2).mean() for i in range(n))   # eq. 10
+    if hparams.get("uem_target") == "data":  # the error of the clean image each exit implies
+        view = (-1, 1, 1, 1)
+        a, s = (f(VPSDE().from_model_time(t)).view(view) for f in (VPSDE().alpha, VPSDE().sigma))
+        x0 = (x_t.double() - s * eps) / a
+        u_hat = [torch.tanh(((x_t.double() - s * gi) / a - x0).abs()) for gi in g]
+    else:
+        u_hat = [torch.tanh((gi - eps).abs()) for gi in g]                            # eq. 9
+    l_u = sum(((u[i] - u_hat[i]) ** 2).mean() for i in range(n))                       # eq. 10
     if hparams.get("loss_form", "official") == "official":  # the default
         l_u = l_u / n
         conf = torch.stack([(1 - ui).mean() for ui in u])
@@ -96,6 +104,17 @@ def test_deediff_loss_by_hand(hparams):
     assert logs["l_u"] == pytest.approx(l_u.item(), rel=1e-6, abs=1e-6)
     assert logs["l_ual"] == pytest.approx(float(l_ual), rel=1e-6, abs=1e-6)
     assert logs["l_simple"] == pytest.approx(l_simple.item(), rel=1e-6, abs=1e-6)
+
+
+def test_deediff_data_target_needs_the_schedule():
+    model, method = build(UVIT, "deediff", {"uem_target": "data"})
+    x_t, t, eps = batch(2)
+    with pytest.raises(RuntimeError, match="needs the diffusion schedule"):
+        method.loss(model, x_t, t, eps)
+    method.schedule = VPSDE()
+    loss, _ = method.loss(model, x_t, t, eps)
+    method.hp["uem_target"] = "noise"
+    assert method.loss(model, x_t, t, eps)[0].item() != pytest.approx(loss.item())  # the target matters
 
 
 def test_deediff_gradients_follow_detach_choices():

@@ -461,7 +461,7 @@ def test_variants_of_deediff_do_not_mix_into_its_default_rows():
     from bench.report.tables import DEFAULT
     from bench.report.select import RowSpec
 
-    runs = pd.DataFrame({"dataset": ["mnist"] * 4, "method": ["deediff"] * 4, "backbone": ["uvit_tiny"] * 4,
+    runs = pd.DataFrame({"dataset": ["mnist"] * 6, "method": ["deediff"] * 6, "backbone": ["uvit_tiny"] * 6,
                          "options": [{}, {"beta_ual": 1.0, "loss_form": "official"}, {"beta_ual": 0.3},
-                                     {"loss_form": "paper"}]})
-    assert list(RowSpec("DeeDiff", "deediff", options=DEFAULT).matches(runs, "mnist").index) == [0, 1]
+                                     {"loss_form": "paper"}, {"uem_target": "data"}, {"uem_target": "noise"}]})
+    assert list(RowSpec("DeeDiff", "deediff", options=DEFAULT).matches(runs, "mnist").index) == [0, 1, 5]

@@ -28,7 +28,8 @@ from bench.report.load import ReportError, Results, fmt_threshold
 # The methods' defaults for the options a table tells variants apart by (bench.yaml `methods:`); a row
 # whose method_options lack a key (older CSVs) is taken to use the default.
 # Static rows from before `weights` existed trained their own model.
-OPTION_DEFAULTS = {"deediff": {"layerwise_loss": True, "shared_uem": False, "beta_ual": 1.0, "loss_form": "official"},
+OPTION_DEFAULTS = {"deediff": {"layerwise_loss": True, "shared_uem": False, "beta_ual": 1.0, "loss_form": "official",
+                               "uem_target": "noise"},
                    "static": {"schedule": "fixed", "weights": "own"}}
 PAPER_DEPTH = 13  # U-ViT-S's blocks; the paper's static layers 7/9/11 are of these
 PAPER_SAMPLER = {"cifar10": "euler_maruyama", "celeba": "euler_maruyama", "imagenet256": "dpm_solver",
@@ -218,7 +219,8 @@ def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[st
 SAME_AS_MATCHED = ("backbone", "profile", "experiment", "seed", "sampler", "sampler_options", "n_samples", "mode",
                    "fid_reference")
 MATCHED_TO = RowSpec("DeeDiff", "deediff", "dynamic", options=(("layerwise_loss", True), ("shared_uem", False),
-                                                               ("beta_ual", 1.0), ("loss_form", "official")))
+                                                               ("beta_ual", 1.0), ("loss_form", "official"),
+                                                               ("uem_target", "noise")))
 
 
 def pick_cell(results: Results, spec: RowSpec, dataset: str, rule: OperatingPoint,

@@ -23,7 +23,8 @@ PAPER_METRICS = ("paper FID", "paper Δlayers", "paper GFLOPs")
 DASH = "—"
 # DeeDiff as the harness trains it by default; other variants of the same method (beta of eq. 13, the
 # paper's literal loss form) are rows of their own and never mix into these
-DEFAULT = (("layerwise_loss", True), ("shared_uem", False), ("beta_ual", 1.0), ("loss_form", "official"))
+DEFAULT = (("layerwise_loss", True), ("shared_uem", False), ("beta_ual", 1.0), ("loss_form", "official"),
+           ("uem_target", "noise"))
 EM, DPM = "euler_maruyama", "dpm_solver"
 STATIC_OF_DEEDIFF = (("schedule", "fixed"), ("weights", "deediff"))  # Table 5: forced exits of the DeeDiff model
 

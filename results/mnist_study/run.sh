@@ -60,6 +60,16 @@ if [[ $parts == *" more "* ]]; then
   # 7. a second seed at the operating points
   train_eval full,0.05,0.1 --method deediff --seed 1
   train_eval full --method baseline --seed 1
+  # 7b. an exit signal in data space (ours, not the paper's; README "An exit signal in data space"): the
+  #     UEMs of the DeeDiff checkpoint above fitted afresh, 500 steps on its frozen EMA backbone, to
+  #     tanh|x0_i - x0| (uem_target: data) and, as the control of the refit, to eq. 9's tanh|g_i - eps|.
+  #     Their cells go to refit/, a store of their own, so that the paper's tables never take a refit
+  #     for DeeDiff as it is trained
+  deediff_ckpt=$(bench train --method deediff "${common[@]}" | tail -n 1)
+  refit=(--set model.init_from="$deediff_ckpt" --set train.steps=0 --set train.warmup_steps=0
+         --set train.exit_calibration_steps=500 --set run.results="$OUT/refit")
+  train_eval full,0.02,0.05,0.1,0.15,0.2,0.3 --method deediff "${refit[@]}" --set methods.deediff.uem_target=data
+  train_eval full,0.03,0.05,0.07,0.1 --method deediff "${refit[@]}" --set methods.deediff.uem_target=noise
   # 8. Table 6: the DDIM U-Net (ddim_tiny, 1.1 M parameters, 7 exits). Its baseline first, from scratch on
   #    full MNIST with the small profile's recipe (lr 1e-3 after 500 warm-up steps, EMA 0.999): 20,000 steps
   #    of 64 (1.28 M images; about 4 h here at ~90 images/s, resumable from its last.pt; an H100 takes
@@ -72,6 +82,11 @@ if [[ $parts == *" more "* ]]; then
                 --set run.experiment=mnist_study_unet_baseline | tail -n 1)
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
   train_eval full --method baseline "${unet[@]}" --set model.init_from="$unet_base"
+  #    and with Table 6's own sampler, DDIM at 50 steps (the paper also runs 100; that would double the time)
+  bench eval --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
+    --steps 50 --thresholds full,0.03,0.05,0.07,0.1
+  bench eval --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
+    --steps 50 --thresholds full
   # 9. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
   #    41,700 steps of 64; about 8 hours here, resumable from its last.pt), last because it is the longest
   train_eval full --method small
