@@ -182,14 +182,15 @@ def training_rows(models: dict, batch: int, repeats: int, device: torch.device, 
 
         fns[name] = step
     times = _interleaved(fns, repeats, device)
-    base = statistics.median(times["baseline"])
     rows = []
     for name in TRAINING_METHODS:
         spread = _spread(times[name])
         rows.append({"kind": "training", "case": f"{name} training step", "method": name, "batch_size": batch,
                      "seconds_per_step": round(spread["median"], 5), "seconds_min": round(spread["min"], 5),
                      "seconds_max": round(spread["max"], 5), "repeats": spread["repeats"],
-                     "step_time_vs_baseline": round(spread["median"] / base, 4)})
+                     # paired, as the sampling rows: each repeat's step against the baseline's just before it
+                     "step_time_vs_baseline": round(statistics.median(
+                         c / b for b, c in zip(times["baseline"], times[name])), 4)})
         echo(f"train batch {batch}  {name:10s} {spread['median'] * 1e3:8.1f} ms/step  "
              f"{rows[-1]['step_time_vs_baseline']:.2f}x the baseline's")
     for _, _, model in models.values():
@@ -229,7 +230,7 @@ def inception_rows(n: int, batch: int, repeats: int, device: torch.device, echo=
         rows.append({"kind": "inception", "case": key, "batch_size": batch, "images": n,
                      "images_per_s": round(n / spread["median"], 2), "seconds_min": round(spread["min"], 4),
                      "seconds_max": round(spread["max"], 4), "repeats": spread["repeats"],
-                     "speedup_vs_torch_fidelity": round(statistics.median(times["torch-fidelity"]) / spread["median"], 4),
+                     "speedup_vs_torch_fidelity": round(paired_speedup(times["torch-fidelity"], values), 4),
                      "max_relative_feature_difference": f"{diff:.2e}"})
         echo(f"inception {key:24s} {rows[-1]['images_per_s']:7.1f} img/s  max rel. feature diff {diff:.1e}")
     return rows

@@ -51,6 +51,18 @@ def test_no_exit_equals_full_model(kind):
         assert engine.record.blocks_run == 5 * model.backbone.num_exits
 
 
+def test_a_head_of_the_wrong_shape_is_an_error(monkeypatch):
+    """Where nobody exits apart, the head's tensor is the output itself: its shape is still checked."""
+    torch.manual_seed(0)
+    model = DiffusionModel(build_backbone("uvit_tiny", embed_dim=32, num_heads=2).eval())
+    head = model.backbone.head
+    monkeypatch.setattr(model.backbone, "head", lambda state, i: torch.cat([head(state, i)] * 2, dim=1))
+    x, t = torch.randn(3, 1, 28, 28), torch.linspace(10, 900, 3)
+    for threshold in (None, 1e9):  # full depth; every sample stops after the first block
+        with pytest.raises(RuntimeError, match=r"head returned \(3, 2, 28, 28\)"):
+            EarlyExitModel(model, ExitWhenHiddenSmall(), threshold=threshold)(x, t)
+
+
 @pytest.mark.parametrize("kind", ["uvit", "unet"])
 def test_realised_and_simulate_agree_and_records_match_work(kind):
     model = MODELS[kind]

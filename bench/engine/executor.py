@@ -176,5 +176,8 @@ class EarlyExitModel:
                 continue
             active = staying if active is None else active[staying]
             state, ctx = select_state(state, staying), select_state(ctx, staying)
+        if out.shape != x.shape:  # the fast paths return the head's own tensor: a wrong head would pass unseen
+            raise RuntimeError(f"the backbone's head returned {tuple(out.shape)} for an input of {tuple(x.shape)}; "
+                               "an exit's prediction must have the input's shape")
         self.record.add(exit_block[:batch // 2 if paired else batch], model_t)
         return out
