@@ -2,7 +2,7 @@
 # The MNIST study (README.md beside this file): every command that made a file here, in order.
 # Re-running it re-creates the study: finished checkpoints are reused and stored cells are skipped,
 # so an interrupted run resumes where it stopped. Usage, from the project root:
-#   bash results/mnist_study/run.sh [PART ...]      (parts: train eval more; default: all)
+#   bash results/mnist_study/run.sh [PART ...]      (parts: train eval more budget; default: train eval more)
 # `train` and `eval` made the cells published so far; `more` holds the rest of the study (the other
 # methods, ablations, a second seed, the DDIM U-Net of Table 6 with its own baseline, the small model), hours
 # more on two cores.
@@ -90,4 +90,14 @@ if [[ $parts == *" more "* ]]; then
   # 9. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
   #    41,700 steps of 64; about 8 hours here, resumable from its last.pt), last because it is the longest
   train_eval full --method small
+fi
+
+if [[ $parts == *" budget "* ]]; then
+  # 10. does the layer-wise loss's cost to the full-depth output shrink with training? DeeDiff and the
+  #     control with 3x the study's budget (3,000 steps of 64 from the same baseline; about 1 h each here).
+  #     The paper fine-tunes for about 200k steps. Cells in budget/, a store of their own (the tables
+  #     compare equal budgets)
+  longer=(--set train.steps=3000 --set run.results="$OUT/budget")
+  train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff "${longer[@]}"
+  train_eval full --method baseline "${longer[@]}"
 fi
