@@ -171,8 +171,8 @@ def training_rows(models: dict, batch: int, repeats: int, device: torch.device, 
         x = torch.randn(batch, channels, res, res, device=device)
         noise = torch.randn_like(x)
         t = torch.rand(batch, device=device) * 0.999 + 0.001
-        method.schedule = build_schedule(cfg)
-        model_t = method.schedule.model_time(t.cpu()).to(device)
+        method.diffusion_schedule = build_schedule(cfg)
+        model_t = method.diffusion_schedule.model_time(t.cpu()).to(device)
 
         def step(model=model, method=method, optimizer=optimizer, x=x, noise=noise, model_t=model_t):
             loss, _ = method.loss(model, x, model_t, noise)

@@ -237,7 +237,7 @@ def _train(cfg: dict, run_dir: Path, stop_at: int | None, progress: bool | None,
     conditioning = build_conditioning(cfg)
     schedule = build_schedule(cfg)
     method = build_method(cfg["run"]["method"], cfg["method"])
-    method.schedule = schedule
+    method.diffusion_schedule = schedule
     torch.manual_seed(seed)  # the initial weights, too, follow from the run seed
     model = build_model(cfg, method).to(device)
     ema = build_model(cfg, method).to(device).requires_grad_(False)

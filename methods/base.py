@@ -41,7 +41,7 @@ class Method:
 
     # The diffusion schedule of the run (alpha_t, sigma_t), set by training (and `bench perf`) before
     # the first loss, for an objective that depends on the noise level beyond the network's time input.
-    schedule = None
+    diffusion_schedule = None
 
     # Training ignores model.init_from for a model trained from scratch (the small model, Table 4).
     from_scratch = False

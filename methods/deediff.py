@@ -150,11 +150,13 @@ class DeeDiff(Method):
         uem_target: data, since x0_i - x0 = -(sigma_t / alpha_t) (g_i - eps) when x_t = alpha_t x0 + sigma_t eps."""
         if self.hp["uem_target"] == "noise":
             return 1.0
-        if self.schedule is None:
-            raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule (method.schedule), which "
+        if self.diffusion_schedule is None:
+            raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule (method.diffusion_schedule), which "
                                "training sets before the first step")
-        t = self.schedule.from_model_time(batch_time(model_t, x_t.shape[0]).detach().cpu())
-        ratio = (self.schedule.sigma(t) / self.schedule.alpha(t)).to(x_t.device, torch.float32)
+        # on the CPU, in float64, as training computes alpha_t and sigma_t for x_t (no float64 on some devices)
+        schedule = self.diffusion_schedule
+        t = schedule.from_model_time(batch_time(model_t, x_t.shape[0]).detach().cpu())
+        ratio = (schedule.sigma(t) / schedule.alpha(t)).to(x_t.device, torch.float32)
         return ratio.view(-1, *([1] * (x_t.dim() - 1)))
 
     # ---- inference ---------------------------------------------------------------------

@@ -102,3 +102,17 @@ def test_registry_holds_only_method_subclasses_whose_hooks_have_defaults():
     assert bare.threshold is None and not bare.from_scratch and bare.prepare_images == 0 and not bare.range_pending
     assert bare.uncertainty_maps(None, None, None) is None and bare.decide_gmacs(None) is None
     assert bare.prepare(None, None, None) is None
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_the_diffusion_schedule_training_sets_is_no_plugin_setting(name, tmp_path):
+    """Training sets `method.diffusion_schedule` on every method: no plugin may use that name for anything
+    of its own (static's `schedule` hyper-parameter, fixed or time, must survive it)."""
+    cfg = _cfg(name, TINY_UVIT, tmp_path)
+    method = build_method(name, cfg["method"])
+    assert method.diffusion_schedule is None  # the base's, untouched by the plugin
+    settings = dict(vars(method))
+    method.diffusion_schedule = build_schedule(cfg)
+    assert {k: v for k, v in vars(method).items() if k != "diffusion_schedule"} == settings
+    if name == "static":
+        assert method.schedule == "fixed" and method.range_pending

@@ -55,11 +55,15 @@ def _unpatchify(tokens, channels, p):
 @pytest.mark.parametrize("hparams", [
     {}, {"layerwise_loss": False}, {"uem_time": "concat"}, {"ual_detach": False},
     {"loss_form": "paper"}, {"loss_form": "paper", "layerwise_loss": False}, {"loss_form": "paper", "ual_detach": False},
-    {"lambda_u": 0.5, "beta_ual": 2.0}, {"uem_target": "data"},
+    {"lambda_u": 0.5, "beta_ual": 2.0}, {"uem_target": "data"}, {"uem_target": "data", "discrete": True},
 ], ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 def test_deediff_loss_by_hand(hparams):
+    hparams = dict(hparams)
+    # as training sets it (uem_target: data reads alpha_t and sigma_t): U-ViT's VP-SDE, or a discrete
+    # schedule whose network time is offset (model_time = N t - 1 + 1)
+    schedule = DiscreteSchedule.linear(time_offset=1) if hparams.pop("discrete", False) else VPSDE()
     model, method = build(UVIT, "deediff", hparams)
-    method.schedule = VPSDE()  # as training sets it (uem_target: data reads alpha_t and sigma_t)
+    method.diffusion_schedule = schedule
     bb = model.backbone
     with torch.no_grad():  # UEM maps away from 0.5 so that the weights matter
         for p in model.extras.parameters():
@@ -83,7 +87,7 @@ def test_deediff_loss_by_hand(hparams):
     l_simple = ((g[-1] - eps) ** 2).mean()
     if hparams.get("uem_target") == "data":  # the error of the clean image each exit implies
         view = (-1, 1, 1, 1)
-        a, s = (f(VPSDE().from_model_time(t)).view(view) for f in (VPSDE().alpha, VPSDE().sigma))
+        a, s = (f(schedule.from_model_time(t)).view(view) for f in (schedule.alpha, schedule.sigma))
         x0 = (x_t.double() - s * eps) / a
         u_hat = [torch.tanh(((x_t.double() - s * gi) / a - x0).abs()) for gi in g]
     else:
@@ -111,7 +115,7 @@ def test_deediff_data_target_needs_the_schedule():
     x_t, t, eps = batch(2)
     with pytest.raises(RuntimeError, match="needs the diffusion schedule"):
         method.loss(model, x_t, t, eps)
-    method.schedule = VPSDE()
+    method.diffusion_schedule = VPSDE()
     loss, _ = method.loss(model, x_t, t, eps)
     method.hp["uem_target"] = "noise"
     assert method.loss(model, x_t, t, eps)[0].item() != pytest.approx(loss.item())  # the target matters

@@ -255,6 +255,14 @@ def test_rows_of_a_table_come_from_the_seed_that_fills_most_cells(fixture_runs):
     assert proto[2] == 0
     pick = pick_cell(results, spec, "mnist", OperatingPoint.parse(None), proto)
     assert pick.row["seed"] == 0 and pick.row["seconds_per_image"] != 123.0
+    # Table 7's rows each fix their sampler: no sampler votes, but the seed rule still holds, and the
+    # step count that fills the most DPM-Solver rows (3) beats the newer runs at 1 and 2 steps
+    dpm = next(r for r in TABLES.get("7").rows if r.method == "baseline" and r.sampler == "dpm_solver")
+    proto7 = protocol(list(TABLES.get("7").rows), results.runs, "mnist")
+    assert proto7[:3] == (None, None, 0) and proto7[3]["dpm_solver"] == 3
+    assert set(spec.matches(results.runs, "mnist")["steps"]) >= {1, 2, 3}
+    row = pick_cell(results, dpm, "mnist", OperatingPoint.parse(None), proto7).row
+    assert row["seed"] == 0 and row["steps"] == 3
     results.runs = pd.concat([runs[~runs.index.isin(seed0.index)], replicate])  # only the replicate left
     pick = pick_cell(results, spec, "mnist", OperatingPoint.parse(None),
                      protocol(list(TABLES.get("1").rows), results.runs, "mnist"))

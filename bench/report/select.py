@@ -6,7 +6,7 @@ Rules (stated in every table's notes):
   its dataset. They are grouped into measurement runs (one trained model, one sampler setting, one
   sample count, one batch size: the rows of one `bench eval`).
 - Runs are ranked: the dataset's protocol first (the sampler and step count that fill the most
-  cells of the table), then the most samples, then runs that have FID, then the seed that fills the
+  cells of the table; for a row that fixes its sampler, that sampler's most common step count), then the most samples, then runs that have FID, then the seed that fills the
   most cells (ties: the lowest), then the newest.
 - In the best run that has what the cell needs, the row is: the full-depth row (threshold empty),
   the static exit at the paper's layer, or, for a dynamic method, the operating point.
@@ -199,27 +199,43 @@ def full_depth_fid(run: pd.DataFrame) -> float | None:
 
 # ---- cells -----------------------------------------------------------------------------------------
 
-def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple[str, int, int | None] | None:
-    """The (sampler, steps) that fills the most of these rows on this dataset (ties: the paper's sampler
-    for the dataset, then more steps); rows that fix their own sampler or steps do not vote. Then the
-    seed that fills the most rows (ties: the lowest), so that a table's rows come from one seed where
-    they can, rather than a second seed's replicate standing in for some of them."""
+def protocol(specs: list[RowSpec], runs: pd.DataFrame, dataset: str) -> tuple | None:
+    """(sampler, steps, seed, steps_by_sampler) for the rows of one table on this dataset.
+
+    - sampler, steps: the pair that fills the most rows (ties: the paper's sampler for the dataset, then
+      more steps); rows that fix their own sampler or steps do not vote. None where no row votes.
+    - seed: the one that fills the most rows (ties: the lowest), so that a table's rows come from one
+      seed where they can, rather than a second seed's replicate standing in for some of them.
+    - steps_by_sampler: for rows that fix their sampler but not their steps (Table 7), the step count
+      that fills the most rows of that sampler (ties: more steps).
+    """
     votes: dict[tuple[str, int], int] = {}
+    per_sampler: dict[tuple[str, int], int] = {}
     seed_votes: dict[int, int] = {}
     for spec in specs:
         rows = spec.matches(runs, dataset)
         for seed in {int(v) for v in rows["seed"] if v == v}:
             seed_votes[seed] = seed_votes.get(seed, 0) + 1
-        if spec.sampler or spec.steps:
+        if spec.steps:
             continue
-        for key in {(s, int(n)) for s, n in zip(rows["sampler"], rows["steps"]) if n == n}:
+        pairs = {(s, int(n)) for s, n in zip(rows["sampler"], rows["steps"]) if n == n}
+        for key in pairs:
+            per_sampler[key] = per_sampler.get(key, 0) + 1
+        if spec.sampler:
+            continue
+        for key in pairs:
             votes[key] = votes.get(key, 0) + 1
-    if not votes:
-        return None
-    preferred = PAPER_SAMPLER.get(dataset)
-    sampler, steps = max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
     seed = max(seed_votes, key=lambda k: (seed_votes[k], -k)) if seed_votes else None
-    return sampler, steps, seed
+    steps_by_sampler = {}
+    for (name, steps), count in sorted(per_sampler.items(), key=lambda kv: (kv[1], kv[0][1])):
+        steps_by_sampler[name] = steps  # ascending (count, steps): the last written wins
+    if not votes and seed is None and not steps_by_sampler:
+        return None
+    sampler = steps = None
+    if votes:
+        preferred = PAPER_SAMPLER.get(dataset)
+        sampler, steps = max(votes, key=lambda k: (votes[k], k[0] == preferred, k[1], k[0]))
+    return sampler, steps, seed, steps_by_sampler
 
 
 # The row a `matched` row is matched to: DeeDiff as the paper trains it, at its operating point; and
@@ -281,9 +297,11 @@ def _pick_matched(results: Results, spec: RowSpec, dataset: str, rule: Operating
 def _rank(run: pd.DataFrame, spec: RowSpec, proto) -> tuple:
     head = run.iloc[0]
     match = 0
-    if proto:
-        match += (not spec.sampler) and head["sampler"] == proto[0]
-        match += (not spec.steps) and head["steps"] == proto[1]
+    if proto:  # (sampler, steps) from a caller, or protocol()'s four entries
+        if proto[0] is not None:
+            match += (not spec.sampler) and head["sampler"] == proto[0]
+        steps = proto[1] if not spec.sampler else (proto[3] if len(proto) > 3 else {}).get(spec.sampler)
+        match += (not spec.steps) and steps is not None and head["steps"] == steps
     newest = run["ts"].max()
     seed = proto[2] if proto and len(proto) > 2 else None  # (sampler, steps) alone: no seed preference
     same_seed = seed is not None and head["seed"] == seed

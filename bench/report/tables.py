@@ -132,7 +132,7 @@ def build_table(spec: TableSpec, results: Results, rule: OperatingPoint, dataset
         if len(seen) > 1:
             mixed_protocol.append(f"{dataset_name(dataset)}: runs with " + ", ".join(
                 f"{s} {int(n)} steps" for s, n in sorted(seen)) + (f"; protocol {proto[0]} {proto[1]} steps"
-                                                                    if proto else ""))
+                                                                    if proto and proto[0] else ""))
     for row_spec in spec.rows:
         cells: list[str] = []
         for dataset in datasets:
@@ -231,7 +231,7 @@ def _notes(spec, table, results, rule, datasets, letters, picked, mixed_protocol
         notes.append("Mixed sampler settings within a dataset (rows that do not fix their own): "
                      + "; ".join(mixed_protocol) + ".")
     notes.append("Run choice: where several runs match a cell, the dataset's protocol (the sampler and step count "
-                 "that fill the most cells) first, then the most samples, then runs with FID, then the seed that fills "
+                 "that fill the most cells; for rows that fix their sampler, that sampler's most common step count) first, then the most samples, then runs with FID, then the seed that fills "
                  "the most cells, then the newest.")
     if any(r.point == "matched" for r in spec.rows):
         notes.append("Matched compute: the full model sampled with fewer steps of the same sampler, at the step "

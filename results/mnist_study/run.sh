@@ -61,8 +61,8 @@ if [[ $parts == *" more "* ]]; then
   train_eval full,0.05,0.1 --method deediff --seed 1
   train_eval full --method baseline --seed 1
   # 7b. an exit signal in data space (ours, not the paper's; README "An exit signal in data space"): the
-  #     UEMs of the DeeDiff checkpoint above fitted afresh, 500 steps on its frozen EMA backbone, to
-  #     tanh|x0_i - x0| (uem_target: data) and, as the control of the refit, to eq. 9's tanh|g_i - eps|.
+  #     UEMs of step 1's DeeDiff checkpoint (seed 0) trained on for 500 steps on its frozen EMA backbone,
+  #     to tanh|x0_i - x0| (uem_target: data) and, as the control of the refit, to eq. 9's tanh|g_i - eps|.
   #     Their cells go to refit/, a store of their own, so that the paper's tables never take a refit
   #     for DeeDiff as it is trained
   deediff_ckpt=$(bench train --method deediff "${common[@]}" | tail -n 1)
