@@ -151,8 +151,8 @@ class DeeDiff(Method):
         if self.hp["uem_target"] == "noise":
             return 1.0
         if self.diffusion_schedule is None:
-            raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule (method.diffusion_schedule), which "
-                               "training sets before the first step")
+            raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule "
+                               "(method.diffusion_schedule), which training sets before the first step")
         # on the CPU, in float64, as training computes alpha_t and sigma_t for x_t (no float64 on some devices)
         schedule = self.diffusion_schedule
         t = schedule.from_model_time(batch_time(model_t, x_t.shape[0]).detach().cpu())

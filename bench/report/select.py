@@ -6,8 +6,9 @@ Rules (stated in every table's notes):
   its dataset. They are grouped into measurement runs (one trained model, one sampler setting, one
   sample count, one batch size: the rows of one `bench eval`).
 - Runs are ranked: the dataset's protocol first (the sampler and step count that fill the most
-  cells of the table; for a row that fixes its sampler, that sampler's most common step count), then the most samples, then runs that have FID, then the seed that fills the
-  most cells (ties: the lowest), then the newest.
+  cells of the table; for a row that fixes its sampler, that sampler's most common step count), then
+  the most samples, then runs that have FID, then the seed that fills the most cells (ties: the
+  lowest), then the newest.
 - In the best run that has what the cell needs, the row is: the full-depth row (threshold empty),
   the static exit at the paper's layer, or, for a dynamic method, the operating point.
 - Operating point (`--operating-point`): `fid-tolerance:10%` (default) is the threshold with the

@@ -231,8 +231,9 @@ def _notes(spec, table, results, rule, datasets, letters, picked, mixed_protocol
         notes.append("Mixed sampler settings within a dataset (rows that do not fix their own): "
                      + "; ".join(mixed_protocol) + ".")
     notes.append("Run choice: where several runs match a cell, the dataset's protocol (the sampler and step count "
-                 "that fill the most cells; for rows that fix their sampler, that sampler's most common step count) first, then the most samples, then runs with FID, then the seed that fills "
-                 "the most cells, then the newest.")
+                 "that fill the most cells; for rows that fix their sampler, that sampler's most common step "
+                 "count) first, then the most samples, then runs with FID, then the seed that fills the most "
+                 "cells, then the newest.")
     if any(r.point == "matched" for r in spec.rows):
         notes.append("Matched compute: the full model sampled with fewer steps of the same sampler, at the step "
                      "count whose GMACs per generated image (per call x calls) come closest to DeeDiff's operating "
