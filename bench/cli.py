@@ -226,7 +226,7 @@ def config_command(opts: RunOptions, as_json: bool = typer.Option(False, "--json
     import yaml
 
     from bench.checkpoint import checkpoint_dir
-    from bench.config import config_hash
+    from bench.config import config_hash, inference_options
     from bench.errors import UserError
     from bench.train import weights_config
 
@@ -242,6 +242,11 @@ def config_command(opts: RunOptions, as_json: bool = typer.Option(False, "--json
         "partly trained (resumes)" if (run_dir / "last.pt").exists() else "not trained yet"
     reads = "" if source is cfg else f" (the {source['run']['method']} run's weights)"
     typer.echo(f"# config hash {config_hash(cfg)}; checkpoint {run_dir}/final.pt{reads}: {state}", err=as_json)
+    if rule := inference_options(cfg):
+        from bench.evaluate.measure import row_hash
+
+        typer.echo(f"# exit rule {rule} acts only when sampling: the same checkpoint; result rows carry "
+                   f"config hash {row_hash(cfg)}", err=as_json)
 
 
 @app.command("export")

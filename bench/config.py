@@ -440,6 +440,19 @@ def validate(cfg: dict) -> None:
 # value they stay out of the hash, so that the earlier runs' hashes (and their checkpoints) still hold.
 ADDED_METHOD_KEYS = {"deediff": {"uem_target": "noise"}}
 
+# Method keys that act only when sampling (the exit rule), with their defaults. They do not change the
+# trained weights, so the training hash (config_hash: the checkpoint's name) holds them at these
+# values, the ones every stored run was trained with: a run that changes them samples the same
+# checkpoint. Result rows tell the variants apart (bench.evaluate.measure.row_hash; the reporters).
+INFERENCE_METHOD_KEYS = {"deediff": {"exit_rule": "per_sample", "patience": 1, "patience_reset": False},
+                         "calm": {"compare": "auto"}}
+
+
+def inference_options(cfg: dict) -> dict:
+    """The run's inference-only method keys that differ from their defaults ({}: the default exit rule)."""
+    defaults = INFERENCE_METHOD_KEYS.get(cfg["run"]["method"], {})
+    return {k: cfg["method"][k] for k, v in defaults.items() if k in cfg["method"] and cfg["method"][k] != v}
+
 
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:
     """A short stable hash of what determines a trained model (not sampling or run bookkeeping)."""
@@ -462,7 +475,8 @@ def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train"
         relevant["train"] = train
     if "method" in relevant:  # the operating point and the sweep grid do not change the trained model
         neutral = ADDED_METHOD_KEYS.get(cfg["run"]["method"], {})
-        relevant["method"] = {k: v for k, v in cfg["method"].items()
+        sampling_only = INFERENCE_METHOD_KEYS.get(cfg["run"]["method"], {})
+        relevant["method"] = {k: sampling_only.get(k, v) for k, v in cfg["method"].items()
                               if k not in ("threshold", "thresholds") and not (k in neutral and neutral[k] == v)}
     relevant["run"] = {key: cfg["run"][key] for key in ("seed", "method", "dataset")}
     text = json.dumps(relevant, sort_keys=True, default=str)

@@ -186,6 +186,52 @@ def test_static_evaluates_the_deediff_checkpoint(pretrained, tmp_path):
     assert weights_config(timed) is timed
 
 
+# ---- the exit rule acts only when sampling: its variants sample the same checkpoint ---------------------
+
+
+@pytest.mark.parametrize("method,key,value", [("deediff", "patience", 0), ("deediff", "exit_rule", "batch_mean"),
+                                              ("deediff", "patience_reset", True), ("calm", "compare", "prediction")])
+def test_an_exit_rule_variant_shares_the_checkpoint_but_not_the_cells(tmp_path, method, key, value):
+    from bench.config import config_hash, inference_options
+    from bench.evaluate.measure import row_hash
+
+    default = make_cfg(tmp_path, method)
+    variant = make_cfg(tmp_path, method, **{f"method.{key}": value})
+    assert inference_options(default) == {} and list(inference_options(variant)) == [key]
+    assert config_hash(variant) == config_hash(default) and checkpoint_dir(variant) == checkpoint_dir(default)
+    assert row_hash(default) == config_hash(default)  # the stored rows' hashes hold
+    assert row_hash(variant) != row_hash(default)     # ... and the variant's cells are its own
+    trained = make_cfg(tmp_path, method, **{"method.lambda_u" if method == "deediff" else "train.lr": 0.5})
+    assert config_hash(trained) != config_hash(default)  # a key that changes training still counts
+    # ... which is right only because training never reads it: the same model, batch and noise give the
+    # same loss under either rule
+    rules = [build_method(method, c["method"]) for c in (default, variant)]
+    torch.manual_seed(0)
+    model = build_model(default, rules[0])
+    x, t, noise = torch.randn(4, 1, 28, 28), torch.rand(4) * 999, torch.randn(4, 1, 28, 28)
+    losses = [rule.loss(model, x, t, noise)[0] for rule in rules]
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_an_exit_rule_variant_is_measured_from_the_stored_checkpoint(pretrained, tmp_path):
+    from bench.evaluate.measure import measure
+    from bench.run import finished_checkpoint
+
+    over = {"model.init_from": str(pretrained), "train.steps": 1, "sample.n_samples": 4, "sample.batch_size": 4,
+            "sample.steps": 2, "sample.grid": False, "eval.fid": False, "eval.layer_errors": False,
+            "eval.loss_buckets": 0}
+    path = train(make_cfg(tmp_path, "deediff", **over))
+    eager = make_cfg(tmp_path, "deediff", **over, **{"method.patience": 0})
+    assert finished_checkpoint(eager) == path  # nothing to retrain
+    default_rows = measure(make_cfg(tmp_path, "deediff", **over), path, [None, 0.9], progress=False)
+    eager_rows = measure(eager, path, [None, 0.9], progress=False)  # not "already stored": cells of its own
+    assert len(eager_rows) == 2 and {r["run_id"] for r in eager_rows}.isdisjoint(r["run_id"] for r in default_rows)
+    assert all(r["checkpoint"] == str(path) for r in eager_rows)
+    # at threshold 0.9 (above every u of a barely trained UEM) patience 1 waits one block longer in the
+    # first half than patience 0: fewer layers
+    assert eager_rows[1]["layer_ratio"] < default_rows[1]["layer_ratio"]
+
+
 # ---- calibration of the exit modules on the frozen EMA backbone ---------------------------------------
 
 

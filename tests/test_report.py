@@ -498,3 +498,28 @@ def test_variants_of_deediff_do_not_mix_into_its_default_rows():
                          "options": [{}, {"beta_ual": 1.0, "loss_form": "official"}, {"beta_ual": 0.3},
                                      {"loss_form": "paper"}, {"uem_target": "data"}, {"uem_target": "noise"}]})
     assert list(RowSpec("DeeDiff", "deediff", options=DEFAULT).matches(runs, "mnist").index) == [0, 1, 5]
+
+
+def test_exit_rule_variants_are_rows_of_their_own():
+    """Patience or CALM's comparison changes only sampling (one checkpoint): a variant's cells never fill
+    the default rows, whatever options a row names, but a row that asks for the variant gets it."""
+    import pandas as pd
+
+    from bench.report.load import variant_label
+    from bench.report.select import RowSpec
+    from bench.report.tables import DEFAULT
+
+    options = [{}, {"patience": 1}, {"patience": 0}, {"exit_rule": "batch_mean"}, {"patience_reset": True},
+               {"layerwise_loss": False}, {"layerwise_loss": False, "patience": 0}]
+    runs = pd.DataFrame({"dataset": "mnist", "method": "deediff", "backbone": "uvit_tiny", "options": options})
+    assert list(RowSpec("DeeDiff", "deediff", options=DEFAULT).matches(runs, "mnist").index) == [0, 1]
+    no_ua = RowSpec("without the UA-loss", "deediff", options=(("layerwise_loss", False),))
+    assert list(no_ua.matches(runs, "mnist").index) == [5]
+    eager = RowSpec("patience 0", "deediff", options=(*DEFAULT[:1], ("patience", 0)))
+    assert list(eager.matches(runs, "mnist").index) == [2]
+    calm = pd.DataFrame({"dataset": "mnist", "method": "calm", "backbone": "uvit_tiny",
+                         "options": [{"compare": "auto"}, {"compare": "prediction"}, {}]})
+    assert list(RowSpec("CALM", "calm", "dynamic").matches(calm, "mnist").index) == [0, 2]
+    assert [variant_label("deediff", o) for o in options[2:5]] == ["patience 0", "batch-mean rule",
+                                                                   "consecutive crossings"]
+    assert variant_label("calm", {"compare": "prediction"}) == "compare prediction"

@@ -19,7 +19,7 @@ import torch
 from bench.cell import CELL_KEY, Cell, engine_label, ordered_row
 from bench.checkpoint import check_identity, load_checkpoint, load_weights_into
 from bench.conditioning import build_conditioning
-from bench.config import config_hash
+from bench.config import config_hash, inference_options
 from bench.sample import generate, gflops_per_call, save_grid
 from bench.setup import build_model, build_schedule, image_geometry, prepare_data, resolve_device
 from bench.store import append_row, has_cell, provenance
@@ -31,11 +31,14 @@ from methods import build_method
 def row_hash(cfg: dict) -> str:
     """The config hash a result row carries: the run's own, or, for a method that evaluates another
     method's weights (static exits of DeeDiff), a hash of its own and those weights' configs, so that
-    retrained weights make new cells rather than collide with stored ones."""
+    retrained weights make new cells rather than collide with stored ones. An exit rule away from its
+    defaults (bench.config.INFERENCE_METHOD_KEYS: out of the training hash) is hashed in too, so that
+    its cells are their own rather than the default rule's."""
     source = weights_config(cfg)
-    if source is cfg:
-        return config_hash(cfg)
-    return hashlib.sha256(f"{config_hash(cfg)}+{config_hash(source)}".encode()).hexdigest()[:12]
+    text = config_hash(cfg) if source is cfg else f"{config_hash(cfg)}+{config_hash(source)}"
+    if rule := inference_options(cfg):
+        text += "+" + json.dumps(rule, sort_keys=True)
+    return text if source is cfg and not rule else hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def scale_label(cfg: dict, device: torch.device) -> str:

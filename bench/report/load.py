@@ -79,6 +79,14 @@ def variant_label(method: str, options: dict) -> str:
             parts.append("no UA-loss")
         if options.get("shared_uem") is True:
             parts.append("shared UEM")
+        if options.get("exit_rule") == "batch_mean":
+            parts.append("batch-mean rule")
+        if options.get("patience", 1) != 1:
+            parts.append(f"patience {options['patience']}")
+        if options.get("patience_reset") is True:
+            parts.append("consecutive crossings")
+    if method == "calm" and options.get("compare", "auto") != "auto":
+        parts.append(f"compare {options['compare']}")
     if method == "static":
         parts.append("time schedule" if options.get("schedule") == "time" else "fixed exit")
     return ", ".join(parts)

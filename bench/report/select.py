@@ -25,13 +25,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from bench.config import INFERENCE_METHOD_KEYS
 from bench.report.load import ReportError, Results, fmt_threshold
 
 # The methods' defaults for the options a table tells variants apart by (bench.yaml `methods:`); a row
 # whose method_options lack a key (older CSVs) is taken to use the default.
 # Static rows from before `weights` existed trained their own model.
 OPTION_DEFAULTS = {"deediff": {"layerwise_loss": True, "shared_uem": False, "beta_ual": 1.0, "loss_form": "official",
-                               "uem_target": "noise"},
+                               "uem_target": "noise", **INFERENCE_METHOD_KEYS["deediff"]},
+                   "calm": dict(INFERENCE_METHOD_KEYS["calm"]),
                    "static": {"schedule": "fixed", "weights": "own"}}
 PAPER_DEPTH = 13  # U-ViT-S's blocks; the paper's static layers 7/9/11 are of these
 PAPER_SAMPLER = {"cifar10": "euler_maruyama", "celeba": "euler_maruyama", "imagenet256": "dpm_solver",
@@ -61,7 +63,11 @@ class RowSpec:
         if self.steps:
             keep &= runs["steps"] == self.steps
         defaults = OPTION_DEFAULTS.get(self.method, {})
-        for key, value in self.options:
+        # the exit rule (patience, CALM's comparison): a row that does not name it takes the default
+        # one, so that a variant of the rule never mixes into it (the variant is a row of its own)
+        named = {key for key, _ in self.options}
+        rule = [(k, v) for k, v in INFERENCE_METHOD_KEYS.get(self.method, {}).items() if k not in named]
+        for key, value in (*self.options, *rule):
             keep &= runs["options"].map(lambda o, k=key, v=value: o.get(k, defaults.get(k)) == v)
         return runs[keep]
 

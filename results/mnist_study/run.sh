@@ -2,10 +2,11 @@
 # The MNIST study (README.md beside this file): every command that made a file here, in order.
 # Re-running it re-creates the study: finished checkpoints are reused and stored cells are skipped,
 # so an interrupted run resumes where it stopped. Usage, from the project root:
-#   bash results/mnist_study/run.sh [PART ...]      (parts: train eval more budget; default: train eval more)
-# `train` and `eval` made the cells published so far; `more` holds the rest of the study (the other
-# methods, ablations, a second seed, the DDIM U-Net of Table 6 with its own baseline, the small model), hours
-# more on two cores.
+#   bash results/mnist_study/run.sh [PART ...]   (parts, run in this order: train eval more rules small budget;
+#                                                 default: train eval more rules small)
+# `train` and `eval` made the first cells; `more` the other methods, ablations, a second seed and the DDIM
+# U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
+# small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget. Hours on two cores.
 # MNIST: the full set from ../shared/data/mnist-png.zip (or MNIST_ZIP=...). Checkpoints go to
 # STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive it.
 set -euo pipefail
@@ -15,7 +16,7 @@ STUDY_RUNS=${STUDY_RUNS:-$HOME/.cache/eebench/mnist_study/runs}
 OUT=${STUDY_OUT:-results/mnist_study}  # STUDY_OUT: store the cells elsewhere (a checkout kept apart while the code changes)
 common=(--profile study --dataset mnist --dataset-path "$MNIST_ZIP" --set run.results="$OUT"
         --set run.runs_dir="$STUDY_RUNS" --set run.experiment=mnist_study)
-parts=("${@:-train eval more}")
+parts=("${@:-train eval more rules small}")
 parts=" ${parts[*]} "
 
 if [[ $parts == *" train "* ]]; then
@@ -87,13 +88,26 @@ if [[ $parts == *" more "* ]]; then
     --steps 50 --thresholds full,0.03,0.05,0.07,0.1
   bench eval --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
     --steps 50 --thresholds full
-  # 9. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
+fi
+
+if [[ $parts == *" rules "* ]]; then
+  # 9. exit rules, which act only when sampling: measured on the checkpoints above, nothing retrains (the
+  #    training hash leaves them out, a row's hash takes them in). DeeDiff with the official code's
+  #    batch-mean rule (the whole batch exits on its mean uncertainty) and without patience (an exit at the
+  #    first crossing); CALM comparing consecutive exits' noise predictions instead of their hidden states
+  train_eval full,0.03,0.05,0.07,0.1 --method deediff --set methods.deediff.exit_rule=batch_mean
+  train_eval full,0.03,0.05,0.07 --method deediff --set methods.deediff.patience=0
+  train_eval full,0.999,0.995,0.99,0.98,0.95,0.9,0.8 --method calm --set methods.calm.compare=prediction
+fi
+
+if [[ $parts == *" small "* ]]; then
+  # 10. Table 4: the 7-block model from scratch with the baseline's budget (profile study, per_method small:
   #    41,700 steps of 64; about 8 hours here, resumable from its last.pt), last because it is the longest
   train_eval full --method small
 fi
 
 if [[ $parts == *" budget "* ]]; then
-  # 10. does the layer-wise loss's cost to the full-depth output shrink with training? DeeDiff and the
+  # 11. does the layer-wise loss's cost to the full-depth output shrink with training? DeeDiff and the
   #     control with 3x the study's budget (3,000 steps of 64 from the same baseline; about 1 h each here).
   #     The paper fine-tunes for about 200k steps. Cells in budget/, a store of their own (the tables
   #     compare equal budgets)
