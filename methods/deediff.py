@@ -48,7 +48,10 @@ Hyper-parameters (bench.yaml `methods: deediff:`):
                             / alpha_t). At high noise every exit's noise error is small, so eq. 9 lets
                             exits happen where an error in x0 is largest (results/mnist_study/README.md,
                             finding 3); the data target moves them to low noise. Measured there: worse
-                            at every layer ratio, so eq. 9 stays the default
+                            at every layer ratio, so eq. 9 stays the default. final (ours, not in the
+                            paper): tanh|g_i - g_N|, how far the exit's prediction is from the final
+                            exit's (detached); eq. 9's error includes the final exit's own, which is
+                            large at low noise wherever the network is, and exiting cannot lower it
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ DEFAULTS = dict(lambda_u=1.0, beta_ual=1.0, layerwise_loss=True, ual_detach=None
 CHOICES = dict(loss_form=("paper", "official"), uem_time=("token", "concat"),
                exit_rule=("per_sample", "batch_mean"), ual_detach=(None, True, False),
                layerwise_loss=(True, False), shared_uem=(True, False), patience_reset=(True, False),
-               uem_target=("noise", "data"))
+               uem_target=("noise", "data", "final"))
 CROSSINGS = "deediff_crossings"  # ctx key: (B,) count of threshold crossings in the first half
 
 
@@ -120,8 +123,12 @@ class DeeDiff(Method):
         # the UEM reads the detached hidden state: its loss does not shape the backbone (official code)
         u = [self.uncertainty(model, i, h.detach(), t) for i, h in enumerate(out.hiddens)]
         errors = [g.float() - eps for g in out.preds]                      # g_i(h_i) - eps
-        scale = self._target_scale(model_t, x_t)                          # 1, or sigma_t / alpha_t
-        u_hat = [torch.tanh(e.abs() * scale).detach() for e in errors]    # eq. 9 per pixel (or in data space)
+        if self.hp["uem_target"] == "final":                               # ours: the distance to exit N's output
+            final = out.preds[-1].detach().float()
+            u_hat = [torch.tanh((g.detach().float() - final).abs()) for g in out.preds]
+        else:
+            scale = self._target_scale(model_t, x_t)                      # 1, or sigma_t / alpha_t
+            u_hat = [torch.tanh(e.abs() * scale).detach() for e in errors]  # eq. 9 per pixel (or in data space)
         u_terms = [(ui - uh).pow(2).mean() for ui, uh in zip(u, u_hat)]   # ||u_i - u_hat_i||^2 (mean)
 
         l_simple = errors[-1].pow(2).mean()

@@ -56,6 +56,7 @@ def _unpatchify(tokens, channels, p):
     {}, {"layerwise_loss": False}, {"uem_time": "concat"}, {"ual_detach": False},
     {"loss_form": "paper"}, {"loss_form": "paper", "layerwise_loss": False}, {"loss_form": "paper", "ual_detach": False},
     {"lambda_u": 0.5, "beta_ual": 2.0}, {"uem_target": "data"}, {"uem_target": "data", "discrete": True},
+    {"uem_target": "final"},
 ], ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "defaults")
 def test_deediff_loss_by_hand(hparams):
     hparams = dict(hparams)
@@ -90,6 +91,8 @@ def test_deediff_loss_by_hand(hparams):
         a, s = (f(schedule.from_model_time(t)).view(view) for f in (schedule.alpha, schedule.sigma))
         x0 = (x_t.double() - s * eps) / a
         u_hat = [torch.tanh(((x_t.double() - s * gi) / a - x0).abs()) for gi in g]
+    elif hparams.get("uem_target") == "final":  # the distance to the final exit's prediction
+        u_hat = [torch.tanh((gi - g[-1]).abs()) for gi in g]
     else:
         u_hat = [torch.tanh((gi - eps).abs()) for gi in g]                            # eq. 9
     l_u = sum(((u[i] - u_hat[i]) ** 2).mean() for i in range(n))                       # eq. 10

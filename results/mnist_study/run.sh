@@ -71,6 +71,9 @@ if [[ $parts == *" more "* ]]; then
          --set train.exit_calibration_steps=500 --set run.results="$OUT/refit")
   train_eval full,0.02,0.05,0.1,0.15,0.2,0.3 --method deediff "${refit[@]}" --set methods.deediff.uem_target=data
   train_eval full,0.03,0.05,0.07,0.1 --method deediff "${refit[@]}" --set methods.deediff.uem_target=noise
+  #     and to the distance from the final exit's prediction, tanh|g_i - g_N| (uem_target: final, ours):
+  #     eq. 9's error includes the final exit's own, which exiting cannot lower
+  train_eval full,0.02,0.05,0.1,0.15,0.2,0.3 --method deediff "${refit[@]}" --set methods.deediff.uem_target=final
   # 8. Table 6: the DDIM U-Net (ddim_tiny, 1.1 M parameters, 7 exits). Its baseline first, from scratch on
   #    full MNIST with the small profile's recipe (lr 1e-3 after 500 warm-up steps, EMA 0.999): 20,000 steps
   #    of 64 (1.28 M images; about 4 h here at ~90 images/s, resumable from its last.pt; an H100 takes
