@@ -242,11 +242,12 @@ def config_command(opts: RunOptions, as_json: bool = typer.Option(False, "--json
         "partly trained (resumes)" if (run_dir / "last.pt").exists() else "not trained yet"
     reads = "" if source is cfg else f" (the {source['run']['method']} run's weights)"
     typer.echo(f"# config hash {config_hash(cfg)}; checkpoint {run_dir}/final.pt{reads}: {state}", err=as_json)
-    if rule := inference_options(cfg):
-        from bench.evaluate.measure import row_hash
+    from bench.evaluate.measure import row_hash
 
-        typer.echo(f"# exit rule {rule} acts only when sampling: the same checkpoint; result rows carry "
-                   f"config hash {row_hash(cfg)}", err=as_json)
+    if row_hash(cfg) != config_hash(cfg):
+        why = (f"the exit rule {rule} acts only when sampling: the same checkpoint"
+               if (rule := inference_options(cfg)) else "they name the weights they measure too")
+        typer.echo(f"# result rows carry config hash {row_hash(cfg)} ({why})", err=as_json)
 
 
 @app.command("export")

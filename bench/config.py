@@ -449,9 +449,15 @@ INFERENCE_METHOD_KEYS = {"deediff": {"exit_rule": "per_sample", "patience": 1, "
 
 
 def inference_options(cfg: dict) -> dict:
-    """The run's inference-only method keys that differ from their defaults ({}: the default exit rule)."""
+    """The run's inference-only method keys that differ from their defaults ({}: the default exit rule).
+    DeeDiff's patience_reset is left out where patience is 0 (nothing to reset: it acts as the default).
+    An explicit CALM `compare` that equals what `auto` picks on the backbone is not recognised as the
+    default: its cells are its own (telling would need the backbone built)."""
     defaults = INFERENCE_METHOD_KEYS.get(cfg["run"]["method"], {})
-    return {k: cfg["method"][k] for k, v in defaults.items() if k in cfg["method"] and cfg["method"][k] != v}
+    rule = {k: cfg["method"][k] for k, v in defaults.items() if k in cfg["method"] and cfg["method"][k] != v}
+    if cfg["run"]["method"] == "deediff" and cfg["method"].get("patience") == 0:
+        rule.pop("patience_reset", None)
+    return rule
 
 
 def config_hash(cfg: dict, sections: tuple[str, ...] = ("data", "model", "train", "method")) -> str:

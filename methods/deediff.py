@@ -51,7 +51,10 @@ Hyper-parameters (bench.yaml `methods: deediff:`):
                             at every layer ratio, so eq. 9 stays the default. final (ours, not in the
                             paper): tanh|g_i - g_N|, how far the exit's prediction is from the final
                             exit's (detached); eq. 9's error includes the final exit's own, which is
-                            large at low noise wherever the network is, and exiting cannot lower it
+                            large at low noise wherever the network is, and exiting cannot lower it.
+                            The final exit's own target is then 0, so in the official loss form its
+                            L_UAL weight (1 - u_N, normalised) is the largest: the target changes the
+                            training weights too, not only the exit signal
 """
 from __future__ import annotations
 
@@ -123,12 +126,7 @@ class DeeDiff(Method):
         # the UEM reads the detached hidden state: its loss does not shape the backbone (official code)
         u = [self.uncertainty(model, i, h.detach(), t) for i, h in enumerate(out.hiddens)]
         errors = [g.float() - eps for g in out.preds]                      # g_i(h_i) - eps
-        if self.hp["uem_target"] == "final":                               # ours: the distance to exit N's output
-            final = out.preds[-1].detach().float()
-            u_hat = [torch.tanh((g.detach().float() - final).abs()) for g in out.preds]
-        else:
-            scale = self._target_scale(model_t, x_t)                      # 1, or sigma_t / alpha_t
-            u_hat = [torch.tanh(e.abs() * scale).detach() for e in errors]  # eq. 9 per pixel (or in data space)
+        u_hat = self.pseudo_targets(out.preds, eps, model_t, x_t)          # eq. 9 (or ours), detached
         u_terms = [(ui - uh).pow(2).mean() for ui, uh in zip(u, u_hat)]   # ||u_i - u_hat_i||^2 (mean)
 
         l_simple = errors[-1].pow(2).mean()
@@ -152,11 +150,22 @@ class DeeDiff(Method):
         logs = {"loss": loss.item(), "l_simple": l_simple.item(), "l_u": l_u.item(), "l_ual": l_ual.item()}
         return loss, logs
 
+    def pseudo_targets(self, preds: list[Tensor], eps: Tensor, model_t: Tensor, x_t: Tensor) -> list[Tensor]:
+        """What each u_i learns to predict, per pixel, detached (uem_target): eq. 9's tanh|g_i - eps|;
+        tanh(sigma_t / alpha_t |g_i - eps|) = tanh|x0_i - x0| (data); tanh|g_i - g_N| (final)."""
+        preds = [g.detach().float() for g in preds]
+        if self.hp["uem_target"] == "final":
+            return [torch.tanh((g - preds[-1]).abs()) for g in preds]
+        scale = self._target_scale(model_t, x_t)
+        return [torch.tanh((g - eps.float()).abs() * scale) for g in preds]
+
     def _target_scale(self, model_t: Tensor, x_t: Tensor) -> Tensor | float:
         """The factor on |g_i - eps| in the pseudo target: 1 for eq. 9; sigma_t / alpha_t per sample for
         uem_target: data, since x0_i - x0 = -(sigma_t / alpha_t) (g_i - eps) when x_t = alpha_t x0 + sigma_t eps."""
         if self.hp["uem_target"] == "noise":
             return 1.0
+        if self.hp["uem_target"] != "data":
+            raise ValueError(f"deediff: uem_target {self.hp['uem_target']!r} is not scaled |g_i - eps|")
         if self.diffusion_schedule is None:
             raise RuntimeError("deediff: uem_target 'data' needs the diffusion schedule "
                                "(method.diffusion_schedule), which training sets before the first step")

@@ -134,14 +134,17 @@ def test_deediff_gradients_follow_detach_choices():
         grads[detach] = model.extras["uem"][0].proj.weight.grad
     assert grads[True] is None or torch.count_nonzero(grads[True]) == 0
     assert torch.count_nonzero(grads[False]) > 0
-    # the UEM reads detached hidden states: without L_UAL the backbone's gradient is that of L_simple
-    model, method = build(UVIT, "deediff", {"layerwise_loss": False})
-    method.loss(model, x_t, t, eps)[0].backward()
-    got = [p.grad.clone() for p in model.backbone.parameters()]
-    model.zero_grad()
-    ((model.backbone(x_t, t) - eps) ** 2).mean().backward()
-    for a, p in zip(got, model.backbone.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
+    # the UEM reads detached hidden states and its targets are detached: without L_UAL the backbone's
+    # gradient is that of L_simple, whatever the target
+    for target in ("noise", "data", "final"):
+        model, method = build(UVIT, "deediff", {"layerwise_loss": False, "uem_target": target})
+        method.diffusion_schedule = VPSDE()
+        method.loss(model, x_t, t, eps)[0].backward()
+        got = [p.grad.clone() for p in model.backbone.parameters()]
+        model.zero_grad()
+        ((model.backbone(x_t, t) - eps) ** 2).mean().backward()
+        for a, p in zip(got, model.backbone.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---- (2) every method on both backbones: trains, samples, and a no-exit threshold is the full model -

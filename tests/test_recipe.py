@@ -192,7 +192,7 @@ def test_static_evaluates_the_deediff_checkpoint(pretrained, tmp_path):
 @pytest.mark.parametrize("method,key,value", [("deediff", "patience", 0), ("deediff", "exit_rule", "batch_mean"),
                                               ("deediff", "patience_reset", True), ("calm", "compare", "prediction")])
 def test_an_exit_rule_variant_shares_the_checkpoint_but_not_the_cells(tmp_path, method, key, value):
-    from bench.config import config_hash, inference_options
+    from bench.config import INFERENCE_METHOD_KEYS, config_hash, inference_options
     from bench.evaluate.measure import row_hash
 
     default = make_cfg(tmp_path, method)
@@ -201,6 +201,10 @@ def test_an_exit_rule_variant_shares_the_checkpoint_but_not_the_cells(tmp_path, 
     assert config_hash(variant) == config_hash(default) and checkpoint_dir(variant) == checkpoint_dir(default)
     assert row_hash(default) == config_hash(default)  # the stored rows' hashes hold
     assert row_hash(variant) != row_hash(default)     # ... and the variant's cells are its own
+    # the plugins' defaults and bench.yaml's are the rule the training hash holds the keys at
+    from methods import calm, deediff
+    plugin = {"deediff": deediff.DEFAULTS, "calm": calm.DEFAULTS}[method]
+    assert all(plugin[k] == v == load_config()["methods"][method][k] for k, v in INFERENCE_METHOD_KEYS[method].items())
     trained = make_cfg(tmp_path, method, **{"method.lambda_u" if method == "deediff" else "train.lr": 0.5})
     assert config_hash(trained) != config_hash(default)  # a key that changes training still counts
     # ... which is right only because training never reads it: the same model, batch and noise give the
@@ -213,18 +217,33 @@ def test_an_exit_rule_variant_shares_the_checkpoint_but_not_the_cells(tmp_path, 
     assert torch.equal(losses[0], losses[1])
 
 
+def test_a_setting_that_acts_as_the_default_rule_is_the_default_cell(tmp_path):
+    from bench.config import inference_options
+
+    # patience 0 exits at the first crossing: there is nothing for patience_reset to reset
+    eager = make_cfg(tmp_path, "deediff", **{"method.patience": 0})
+    assert inference_options(make_cfg(tmp_path, "deediff", **{"method.patience": 0, "method.patience_reset": True})) \
+        == inference_options(eager) == {"patience": 0}
+
+
 def test_an_exit_rule_variant_is_measured_from_the_stored_checkpoint(pretrained, tmp_path):
-    from bench.evaluate.measure import measure
+    import pandas as pd
+
+    from bench.evaluate.measure import measure, skip_stored
     from bench.run import finished_checkpoint
 
     over = {"model.init_from": str(pretrained), "train.steps": 1, "sample.n_samples": 4, "sample.batch_size": 4,
-            "sample.steps": 2, "sample.grid": False, "eval.fid": False, "eval.layer_errors": False,
+            "sample.steps": 2, "sample.grid": False, "eval.fid": False, "eval.layer_errors": True,
             "eval.loss_buckets": 0}
     path = train(make_cfg(tmp_path, "deediff", **over))
     eager = make_cfg(tmp_path, "deediff", **over, **{"method.patience": 0})
     assert finished_checkpoint(eager) == path  # nothing to retrain
     default_rows = measure(make_cfg(tmp_path, "deediff", **over), path, [None, 0.9], progress=False)
-    eager_rows = measure(eager, path, [None, 0.9], progress=False)  # not "already stored": cells of its own
+    assert skip_stored(eager, [None, 0.9]) == [None, 0.9]  # not "already stored": cells of its own
+    eager_rows = measure(eager, path, [None, 0.9], progress=False)
+    assert skip_stored(eager, [None, 0.9]) == []
+    # the full-depth analyses (no exit rule changes them) are the default rule's, not made again
+    assert set(pd.read_csv(tmp_path / "results" / "layer_mse.csv")["run_id"]) == {default_rows[0]["run_id"]}
     assert len(eager_rows) == 2 and {r["run_id"] for r in eager_rows}.isdisjoint(r["run_id"] for r in default_rows)
     assert all(r["checkpoint"] == str(path) for r in eager_rows)
     # at threshold 0.9 (above every u of a barely trained UEM) patience 1 waits one block longer in the

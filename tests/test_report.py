@@ -523,3 +523,4 @@ def test_exit_rule_variants_are_rows_of_their_own():
     assert [variant_label("deediff", o) for o in options[2:5]] == ["patience 0", "batch-mean rule",
                                                                    "consecutive crossings"]
     assert variant_label("calm", {"compare": "prediction"}) == "compare prediction"
+    assert variant_label("deediff", {"uem_target": "final"}) == "final target"

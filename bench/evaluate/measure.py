@@ -28,17 +28,19 @@ from bench.train import has_extras, weights_config
 from methods import build_method
 
 
-def row_hash(cfg: dict) -> str:
+def row_hash(cfg: dict, *, rule: bool = True) -> str:
     """The config hash a result row carries: the run's own, or, for a method that evaluates another
     method's weights (static exits of DeeDiff), a hash of its own and those weights' configs, so that
     retrained weights make new cells rather than collide with stored ones. An exit rule away from its
     defaults (bench.config.INFERENCE_METHOD_KEYS: out of the training hash) is hashed in too, so that
-    its cells are their own rather than the default rule's."""
+    its cells are their own rather than the default rule's; `rule=False`: the default rule's hash (the
+    full-depth analyses, which no exit rule changes)."""
     source = weights_config(cfg)
     text = config_hash(cfg) if source is cfg else f"{config_hash(cfg)}+{config_hash(source)}"
-    if rule := inference_options(cfg):
-        text += "+" + json.dumps(rule, sort_keys=True)
-    return text if source is cfg and not rule else hashlib.sha256(text.encode()).hexdigest()[:12]
+    options = inference_options(cfg) if rule else {}
+    if options:
+        text += "+" + json.dumps(options, sort_keys=True)
+    return text if source is cfg and not options else hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def scale_label(cfg: dict, device: torch.device) -> str:
@@ -102,9 +104,10 @@ def measure(cfg: dict, checkpoint: Path, thresholds: list[float | None], *, prog
     sample_once = partial(_sample_once, model, method, schedule, cfg, shape=shape, device=device, flops=flops,
                       progress=progress, conditioning=conditioning, decode=latent.decode if latent else None)
     full = sample_once(None)
-    # The full-depth analyses depend on the model, not the threshold: made once, not in every sweep trial.
+    # The full-depth analyses depend on the model, not the threshold or the exit rule: made once (keyed by
+    # the default rule's full-depth cell), not in every sweep trial or rule variant.
     cell = Cell.of(cfg, None, config_hash=row_hash(cfg))
-    results, full_id = Path(r["results"]), cell.run_id
+    results, full_id = Path(r["results"]), Cell.of(cfg, None, config_hash=row_hash(cfg, rule=False)).run_id
     if cfg["eval"]["layer_errors"] and (force or not _has_run(results / "layer_mse.csv", full_id)):
         _store_layer_errors(cfg, model, method, schedule, shape, device, full_id, conditioning)
     if cfg["eval"]["loss_buckets"] and (force or not _has_run(results / "loss_per_timestep.csv", full_id)):

@@ -79,6 +79,8 @@ def variant_label(method: str, options: dict) -> str:
             parts.append("no UA-loss")
         if options.get("shared_uem") is True:
             parts.append("shared UEM")
+        if options.get("uem_target", "noise") != "noise":
+            parts.append(f"{options['uem_target']} target")
         if options.get("exit_rule") == "batch_mean":
             parts.append("batch-mean rule")
         if options.get("patience", 1) != 1:

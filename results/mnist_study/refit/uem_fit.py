@@ -1,8 +1,9 @@
 """How well the refitted UEMs (README, "An exit signal in data space") fit their own targets: on 200
 training digits (every 300th of full MNIST) noised at fixed times, the mean UEM map u_i against the mean
-pseudo target (eq. 9's tanh|g_i - eps|, or tanh|x0_i - x0| for uem_target data), at every second exit.
+pseudo target (eq. 9's tanh|g_i - eps|, tanh|x0_i - x0| for uem_target data, tanh|g_i - g_N| for final),
+at every second exit.
 
-    python results/mnist_study/refit/uem_fit.py CHECKPOINT noise|data   (output: uem_fit.txt)
+    python results/mnist_study/refit/uem_fit.py CHECKPOINT noise|data|final   (output: uem_fit.txt)
 """
 import os
 import sys
@@ -27,7 +28,6 @@ for t in (0.05, 0.2, 0.5, 0.9):
     xt = sch.add_noise(x0, tt, eps); mt = sch.model_time(tt)
     with torch.no_grad():
         out = exit_predictions(model, xt, mt, None)
-        scale = method._target_scale(mt, xt)
         u = [method.uncertainty(model, i, h, mt).mean().item() for i, h in enumerate(out.hiddens)]
-        tgt = [torch.tanh((p.float() - eps).abs() * scale).mean().item() for p in out.preds]
+        tgt = [p.mean().item() for p in method.pseudo_targets(out.preds, eps, mt, xt)]
     print(f"t={t}: " + " ".join(f"exit {i}: {a:.3f}/{b:.3f}" for i, (a, b) in list(enumerate(zip(u, tgt)))[::2]))
