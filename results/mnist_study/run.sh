@@ -100,7 +100,7 @@ if [[ $parts == *" rules "* ]]; then
   #    first crossing); CALM comparing consecutive exits' noise predictions instead of their hidden states
   train_eval full,0.03,0.05,0.07,0.1 --method deediff --set methods.deediff.exit_rule=batch_mean
   train_eval full,0.03,0.05,0.07 --method deediff --set methods.deediff.patience=0
-  train_eval full,0.999,0.995,0.99,0.98,0.95,0.9,0.8 --method calm --set methods.calm.compare=prediction
+  train_eval full,0.9999,0.9995,0.999,0.995,0.99,0.98,0.95,0.9,0.8 --method calm --set methods.calm.compare=prediction
 fi
 
 if [[ $parts == *" small "* ]]; then
