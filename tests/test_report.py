@@ -524,3 +524,5 @@ def test_exit_rule_variants_are_rows_of_their_own():
                                                                    "consecutive crossings"]
     assert variant_label("calm", {"compare": "prediction"}) == "compare prediction"
     assert variant_label("deediff", {"uem_target": "final"}) == "final target"
+    assert variant_label("deediff", {"beta_ual": 0.3, "loss_form": "paper"}) == "beta 0.3, paper loss form"
+    assert variant_label("deediff", {"beta_ual": 1.0, "loss_form": "official"}) == ""

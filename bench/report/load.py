@@ -79,6 +79,10 @@ def variant_label(method: str, options: dict) -> str:
             parts.append("no UA-loss")
         if options.get("shared_uem") is True:
             parts.append("shared UEM")
+        if options.get("beta_ual", 1.0) != 1.0:
+            parts.append(f"beta {options['beta_ual']:g}")
+        if options.get("loss_form") == "paper":
+            parts.append("paper loss form")
         if options.get("uem_target", "noise") != "noise":
             parts.append(f"{options['uem_target']} target")
         if options.get("exit_rule") == "batch_mean":
