@@ -244,10 +244,10 @@ def config_command(opts: RunOptions, as_json: bool = typer.Option(False, "--json
     typer.echo(f"# config hash {config_hash(cfg)}; checkpoint {run_dir}/final.pt{reads}: {state}", err=as_json)
     from bench.evaluate.measure import row_hash
 
-    if row_hash(cfg) != config_hash(cfg):
+    if (rows := row_hash(cfg)) != config_hash(cfg):
         why = (f"the exit rule {rule} acts only when sampling: the same checkpoint"
                if (rule := inference_options(cfg)) else "they name the weights they measure too")
-        typer.echo(f"# result rows carry config hash {row_hash(cfg)} ({why})", err=as_json)
+        typer.echo(f"# result rows carry config hash {rows} ({why})", err=as_json)
 
 
 @app.command("export")

@@ -126,7 +126,7 @@ class DeeDiff(Method):
         # the UEM reads the detached hidden state: its loss does not shape the backbone (official code)
         u = [self.uncertainty(model, i, h.detach(), t) for i, h in enumerate(out.hiddens)]
         errors = [g.float() - eps for g in out.preds]                      # g_i(h_i) - eps
-        u_hat = self.pseudo_targets(out.preds, eps, model_t, x_t)          # eq. 9 (or ours), detached
+        u_hat = self.pseudo_targets(errors, model_t, x_t)                  # eq. 9 (or ours), detached
         u_terms = [(ui - uh).pow(2).mean() for ui, uh in zip(u, u_hat)]   # ||u_i - u_hat_i||^2 (mean)
 
         l_simple = errors[-1].pow(2).mean()
@@ -150,14 +150,15 @@ class DeeDiff(Method):
         logs = {"loss": loss.item(), "l_simple": l_simple.item(), "l_u": l_u.item(), "l_ual": l_ual.item()}
         return loss, logs
 
-    def pseudo_targets(self, preds: list[Tensor], eps: Tensor, model_t: Tensor, x_t: Tensor) -> list[Tensor]:
-        """What each u_i learns to predict, per pixel, detached (uem_target): eq. 9's tanh|g_i - eps|;
-        tanh(sigma_t / alpha_t |g_i - eps|) = tanh|x0_i - x0| (data); tanh|g_i - g_N| (final)."""
-        preds = [g.detach().float() for g in preds]
+    def pseudo_targets(self, errors: list[Tensor], model_t: Tensor, x_t: Tensor) -> list[Tensor]:
+        """What each u_i learns to predict, per pixel, detached (uem_target), from the exits' errors
+        e_i = g_i - eps: eq. 9's tanh|e_i|; tanh(sigma_t / alpha_t |e_i|) = tanh|x0_i - x0| (data);
+        tanh|e_i - e_N| = tanh|g_i - g_N| (final)."""
+        errors = [e.detach() for e in errors]
         if self.hp["uem_target"] == "final":
-            return [torch.tanh((g - preds[-1]).abs()) for g in preds]
+            return [torch.tanh((e - errors[-1]).abs()) for e in errors]
         scale = self._target_scale(model_t, x_t)
-        return [torch.tanh((g - eps.float()).abs() * scale) for g in preds]
+        return [torch.tanh(e.abs() * scale) for e in errors]
 
     def _target_scale(self, model_t: Tensor, x_t: Tensor) -> Tensor | float:
         """The factor on |g_i - eps| in the pseudo target: 1 for eq. 9; sigma_t / alpha_t per sample for

@@ -29,5 +29,5 @@ for t in (0.05, 0.2, 0.5, 0.9):
     with torch.no_grad():
         out = exit_predictions(model, xt, mt, None)
         u = [method.uncertainty(model, i, h, mt).mean().item() for i, h in enumerate(out.hiddens)]
-        tgt = [p.mean().item() for p in method.pseudo_targets(out.preds, eps, mt, xt)]
+        tgt = [p.mean().item() for p in method.pseudo_targets([p.float() - eps for p in out.preds], mt, xt)]
     print(f"t={t}: " + " ".join(f"exit {i}: {a:.3f}/{b:.3f}" for i, (a, b) in list(enumerate(zip(u, tgt)))[::2]))
