@@ -2,13 +2,15 @@
 # The MNIST study (README.md beside this file): every command that made a file here, in order.
 # Re-running it re-creates the study: finished checkpoints are reused and stored cells are skipped,
 # so an interrupted run resumes where it stopped. Usage, from the project root:
-#   bash results/mnist_study/run.sh [PART ...]   (parts, run in this order: train eval more rules small budget;
-#                                                 default: train eval more rules small)
-# `train` and `eval` made the first cells; `more` the other methods, ablations, a second seed and the DDIM
-# U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
+#   bash results/mnist_study/run.sh [PART ...]   (parts, run in this order: train eval more unet rules small
+#                                                 budget; default: train eval more unet rules small)
+# `train` and `eval` made the first cells; `more` the other methods, ablations and a second seed; `unet` the
+# DDIM U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
 # small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget. Hours on two cores.
 # MNIST: the full set from ../shared/data/mnist-png.zip (or MNIST_ZIP=...). Checkpoints go to
-# STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive it.
+# STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive a new
+# checkout; they do not survive a new machine (only the cells, committed here, do), and a later part that
+# needs an earlier part's checkpoint retrains it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MNIST_ZIP=${MNIST_ZIP:-../shared/data/mnist-png.zip}
@@ -16,7 +18,7 @@ STUDY_RUNS=${STUDY_RUNS:-$HOME/.cache/eebench/mnist_study/runs}
 OUT=${STUDY_OUT:-results/mnist_study}  # STUDY_OUT: store the cells elsewhere (a checkout kept apart while the code changes)
 common=(--profile study --dataset mnist --dataset-path "$MNIST_ZIP" --set run.results="$OUT"
         --set run.runs_dir="$STUDY_RUNS" --set run.experiment=mnist_study)
-parts=("${@:-train eval more rules small}")
+parts=("${@:-train eval more unet rules small}")
 parts=" ${parts[*]} "
 
 if [[ $parts == *" train "* ]]; then
@@ -74,14 +76,18 @@ if [[ $parts == *" more "* ]]; then
   #     and to the distance from the final exit's prediction, tanh|g_i - g_N| (uem_target: final, ours):
   #     eq. 9's error includes the final exit's own, which exiting cannot lower
   train_eval full,0.02,0.05,0.1,0.15,0.2,0.3 --method deediff "${refit[@]}" --set methods.deediff.uem_target=final
+fi
+
+if [[ $parts == *" unet "* ]]; then
   # 8. Table 6: the DDIM U-Net (ddim_tiny, 1.1 M parameters, 7 exits). Its baseline first, from scratch on
-  #    full MNIST with the small profile's recipe (lr 1e-3 after 500 warm-up steps, EMA 0.999): 20,000 steps
-  #    of 64 (1.28 M images; about 4 h here at ~90 images/s, resumable from its last.pt; an H100 takes
-  #    minutes). Then DeeDiff and the baseline fine-tuned from it with the study's recipe and budget, and
-  #    measured like the U-ViT cells (DPM-Solver 25 on the U-Net's discrete linear schedule).
+  #    full MNIST with the small profile's recipe (lr 1e-3 after 500 warm-up steps, EMA 0.999): 6,000 steps
+  #    of 64 (384,000 images; about 45 min here at ~140 images/s, resumable from its last.pt). Sized to fit
+  #    one working session, because the runs folder does not outlive the machine it was made on. Then
+  #    DeeDiff and the baseline fine-tuned from it with the study's recipe and budget, and measured like the
+  #    U-ViT cells (DPM-Solver 25 on the U-Net's discrete linear schedule).
   unet=(--backbone ddim_tiny --set model.schedule=linear)
   unet_base=$(bench train --method baseline --profile small --dataset mnist --dataset-path "$MNIST_ZIP" "${unet[@]}" \
-                --set train.batch_size=64 --set train.steps=20000 --set train.ckpt_every=500 \
+                --set train.batch_size=64 --set train.steps=6000 --set train.ckpt_every=500 \
                 --set run.results="$OUT/unet_baseline" --set run.runs_dir="$STUDY_RUNS" \
                 --set run.experiment=mnist_study_unet_baseline | tail -n 1)
   train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
