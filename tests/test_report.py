@@ -360,8 +360,8 @@ def test_every_figure_is_a_readable_png(full_report, fixture_runs, number):
         assert len(files) == expected[number]
     if number in ("6", "7"):
         names = [f.name for f in files]
-        assert "figure%s-mnist-dpm_solver3-n4-b64.png" % number in names
-        assert "figure%s-mnist-ddim50-n2-b64.png" % number in names
+        assert "figure%s-mnist-uvit_tiny-dpm_solver3-n4-b64.png" % number in names
+        assert "figure%s-mnist-ddim_tiny-ddim50-n2-b64.png" % number in names
 
 
 def test_report_all_lists_what_it_could_not_make(fixture_runs, tmp_path):
@@ -480,11 +480,56 @@ def test_matched_compute_row_and_figure(tmp_path):
 
     ctx = Ctx()
     ctx.results = results
-    fewer = _fewer_steps(ctx, ("mnist", "dpm_solver", 25, 1000, 100))
+    fewer = _fewer_steps(ctx, ("mnist", "uvit_tiny", "dpm_solver", 25, 1000, 100))
     assert list(fewer["steps"]) == [10, 15, 25] and list(fewer["gmacs_per_image"]) == [10.0, 15.0, 25.0]
     report = make_report(tmp_path, tmp_path / "out", figures=["5"], echo=lambda s: None)
     made = [p for p in (tmp_path / "out").glob("figure5-*.png")]
     assert made, report.not_made
+
+
+def test_tradeoff_figures_draw_one_seed_and_one_backbone(tmp_path):
+    """A second seed's control (the newest row) must not stand in for the full-model line or hide the
+    fewer-step rows, and a U-Net's cells get a figure of their own, not the U-ViT's full-model line."""
+    from bench.report.tradeoff import _fewer_steps, _settings
+
+    base = {"experiment": "e", "backbone": "uvit_tiny", "dataset": "mnist", "profile": "study", "scale": "cpu-study",
+            "sampler": "dpm_solver", "seed": "0", "n_samples": "1000", "batch_size": "100", "mode": "realised",
+            "train_steps": "1000", "method_options": "{}", "sampler_options": "{}", "fid_n_reference": "10000",
+            "fid_reference": "train:1000/class", "seconds_per_image": "0.1", "threshold": "", "layer_ratio": 1.0}
+    rows = [{**base, "method": "baseline", "config_hash": "b", "steps": steps, "gflops": 1.0, "fid": fid,
+             "run_id": f"b-{steps}", "timestamp": f"2026-12-01T10:0{i}:00"}
+            for i, (steps, fid) in enumerate(((25, 10.0), (15, 12.0), (10, 20.0)))]
+    rows.append({**base, "method": "baseline", "config_hash": "b1", "seed": "1", "steps": 25, "gflops": 1.0,
+                 "fid": 11.0, "run_id": "b1-25", "timestamp": "2026-12-02T10:00:00"})
+    for seed, thrs in (("0", ("", 0.1, 0.2)), ("1", ("",))):
+        for thr in thrs:
+            rows.append({**base, "method": "deediff", "config_hash": f"d{seed}", "seed": seed, "steps": 25,
+                         "threshold": thr, "layer_ratio": 0.5 if thr else 1.0, "gflops": 0.5, "fid": 15.0,
+                         "run_id": f"d{seed}-{thr}", "timestamp": "2026-12-01T12:00:00"})
+    for backbone_rows in (("unet-b", "baseline", ""), ("unet-d", "deediff", 0.1)):
+        rows.append({**base, "backbone": "ddim_tiny", "method": backbone_rows[1], "config_hash": backbone_rows[0],
+                     "steps": 25, "threshold": backbone_rows[2], "gflops": 0.2, "fid": 30.0,
+                     "run_id": backbone_rows[0], "timestamp": "2026-12-03T10:00:00"})
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+
+    class Ctx:
+        skipped = []
+        wants = staticmethod(lambda dataset: True)
+
+    ctx = Ctx()
+    ctx.results = load_results(tmp_path)
+    settings = dict(_settings(ctx, ("deediff",)))
+    vit, unet = (("mnist", b, "dpm_solver", 25, 1000, 100) for b in ("uvit_tiny", "ddim_tiny"))
+    assert set(settings) == {vit, unet}
+    assert set(settings[vit]["seed"]) == {0} and set(settings[vit]["config_hash"]) == {"b", "d0"}
+    assert set(settings[unet]["config_hash"]) == {"unet-b", "unet-d"}
+    assert any("seed 0 drawn" in s and "seed 1" in s for s in ctx.skipped)
+    assert list(_fewer_steps(ctx, vit, seed=0)["steps"]) == [10, 15, 25]
+    assert list(_fewer_steps(ctx, vit)["steps"]) == [25]  # without a seed: the newest row's model (seed 1)
+    report = make_report(tmp_path, tmp_path / "out", figures=["5"], echo=lambda s: None)
+    names = sorted(p.name for p in (tmp_path / "out").glob("figure5-*.png"))
+    assert names == ["figure5-mnist-ddim_tiny-dpm_solver25-n1000-b100.png",
+                     "figure5-mnist-uvit_tiny-dpm_solver25-n1000-b100.png"], report.not_made
 
 
 def test_variants_of_deediff_do_not_mix_into_its_default_rows():

@@ -1,13 +1,18 @@
 """Figures 5, 6 and 7: what each method trades, compared on one sampler setting.
 
-One PNG per (dataset, sampler, steps, sample count, batch size), since FID moves with the sample
-count and seconds per image with the batch: figure{N}-{dataset}-{sampler}{steps}-n{n}-b{batch}.png.
+One PNG per (dataset, backbone, sampler, steps, sample count, batch size), since FID moves with the
+sample count, seconds per image with the batch, and a method's curve is only comparable with the full model
+of its own backbone: figure{N}-{dataset}-{backbone}-{sampler}{steps}-n{n}-b{batch}.png. Each figure draws one
+seed, the one that fills the most of its runs (ties: the lowest), as the tables do; a second seed's
+replicates are left out and the caption says so.
 
 - Figure 5: FID against layer reduction, one curve per method (every stored threshold; full depth
   at 0%), the full model's FID as a dashed line; second panel: FID against measured seconds per image;
   third panel: FID against GMACs per generated image, with the full model sampled at fewer steps
   (every stored step count of the same sampler, samples and batch) as the matched-compute baseline:
-  does exiting early beat simply taking fewer steps at the same cost?
+  does exiting early beat simply taking fewer steps at the same cost? The methods at their defaults
+  fill the top row; where DeeDiff's variants (ablations, loss forms, exit rules) are stored, a second
+  row draws them beside default DeeDiff, so that neither row has more curves than colours.
 - Figure 6: histograms of exit blocks (share of sample-calls that stop after each block), at each
   dynamic method's lowest and highest stored threshold (per_call.csv).
 - Figure 7: error accumulation: MSE between each method's trajectory at its operating point and the
@@ -25,24 +30,46 @@ from bench.report.load import dataset_name, fmt_change, method_name, setting
 
 CURVE_METHODS = ("deediff", "bertxit", "calm", "static", "pruning")
 DYNAMIC = ("deediff", "bertxit", "calm")
-SETTING = ("dataset", "sampler", "steps", "n_samples", "batch_size")
+SETTING = ("dataset", "backbone", "sampler", "steps", "n_samples", "batch_size")
 
 
 def _settings(ctx: FigureContext, methods) -> list[tuple[tuple, pd.DataFrame]]:
+    """(setting, its rows of one seed) for every setting that has rows of these methods."""
     runs = ctx.results.runs
     runs = runs[runs["method"].isin(methods) | (runs["method"] == "baseline")]
     runs = runs[[ctx.wants(d) for d in runs["dataset"]]]
-    return [(key, rows) for key, rows in runs.groupby(list(SETTING), sort=True) if rows["method"].isin(methods).any()]
+    out = []
+    for key, rows in runs.groupby(list(SETTING), sort=True):
+        if rows["method"].isin(methods).any():
+            seed = _figure_seed(rows[rows["method"].isin(methods)])
+            kept = rows[rows["seed"] == seed]
+            left = sorted({f"{s:g}" for s in rows["seed"] if s != seed})
+            if left:
+                ctx.skipped.append(f"{_where(key)}: seed {seed:g} drawn; runs of seed {', '.join(left)} left out")
+            out.append((key, kept))
+    return out
+
+
+def _figure_seed(rows: pd.DataFrame) -> float:
+    """The seed with the most measurement runs (ties: the lowest), as the tables choose theirs."""
+    counts = rows.drop_duplicates("group")["seed"].value_counts()
+    return min(counts.index, key=lambda seed: (-counts[seed], seed))
+
+
+def _where(key: tuple) -> str:
+    dataset, backbone, sampler, steps, n, _ = key
+    return f"{dataset_name(dataset)} {backbone} {sampler} {int(steps)} steps n={int(n)}"
 
 
 def _path(ctx: FigureContext, number: str, key: tuple) -> Path:
-    dataset, sampler, steps, n, batch = key
-    return ctx.out / f"figure{number}-{slug(dataset, f'{sampler}{int(steps)}', f'n{int(n)}', f'b{int(batch)}')}.png"
+    dataset, backbone, sampler, steps, n, batch = key
+    name = slug(dataset, backbone, f"{sampler}{int(steps)}", f"n{int(n)}", f"b{int(batch)}")
+    return ctx.out / f"figure{number}-{name}.png"
 
 
 def _info(rows: pd.DataFrame) -> dict:
     head = rows.iloc[0]
-    seeds = sorted({str(s) for s in rows["seed"]})
+    seeds = sorted({f"{s:g}" for s in rows["seed"]})
     profiles = sorted(set(rows["profile"]))
     return {"dataset": head["dataset"], "profile": ", ".join(profiles), "scale": ", ".join(sorted(set(rows["scale"]))),
             "backbone": ", ".join(sorted(set(rows["backbone"]))), "sampler": head["sampler"],
@@ -69,46 +96,18 @@ def figure_tradeoff(ctx: FigureContext) -> list[Path]:
         curves = [(label, run[run["fid"].notna()]) for label, run in _labelled_runs(rows, CURVE_METHODS)]
         curves = [(label, run) for label, run in curves if not run.empty]
         if not curves:
-            reasons.append(f"{dataset_name(key[0])} {key[1]} {int(key[2])} steps n={int(key[3])}: no FID "
-                           "in its rows (turn on eval.fid)")
+            reasons.append(f"{_where(key)}: no FID in its rows (turn on eval.fid)")
             continue
         base = rows[(rows["method"] == "baseline") & rows["thr"].isna() & rows["fid"].notna()]
-        fewer = _fewer_steps(ctx, key)
-        palette = dict(zip([label for label, _ in curves], sns.color_palette("tab10", len(curves))))
+        fewer = _fewer_steps(ctx, key, seed=rows["seed"].iloc[0])
+        panels = _panel_rows(curves)
         with sns.axes_style("whitegrid"):
-            fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
-            for label, run in curves:
-                run = run.sort_values("reduction")
-                style = dict(color=palette[label], marker="o", ms=4, lw=1.4, label=label)
-                axes[0].plot(run["reduction"] * 100, run["fid"], **style)
-                by_time = run.sort_values("seconds_per_image")
-                axes[1].plot(by_time["seconds_per_image"], by_time["fid"], **style)
-                by_cost = run.sort_values("gmacs_per_image")
-                axes[2].plot(by_cost["gmacs_per_image"], by_cost["fid"], **style)
-            if not fewer.empty:
-                axes[2].plot(fewer["gmacs_per_image"], fewer["fid"], color="0.3", marker="s", ms=4, lw=1.2, ls=":",
-                             label=f"full model at fewer steps ({', '.join(str(int(n)) for n in fewer['steps'])})")
-                for _, row in fewer.iterrows():
-                    axes[2].annotate(f"{int(row['steps'])}", (row["gmacs_per_image"], row["fid"]), fontsize=7,
-                                     xytext=(3, 3), textcoords="offset points", color="0.3")
-            if not base.empty:
-                for ax in axes:
-                    ax.axhline(base["fid"].iloc[-1], color="0.3", ls="--", lw=1.1,
-                               label=f"full model ({method_name('baseline', base['backbone'].iloc[-1])}), "
-                                     f"FID {base['fid'].iloc[-1]:.2f}")
-            else:
-                ctx.skipped.append(f"{dataset_name(key[0])} {key[1]} {int(key[2])} steps n={int(key[3])}: no baseline "
-                                   "row with FID, so no full-model line")
-            most = max(float(run["reduction"].max()) for _, run in curves) * 100
-            axes[0].set_xlim(-2, max(most * 1.05 + 2, 10))
-            axes[0].set_xlabel("layer reduction (% of blocks not run, mean per network call)")
-            axes[0].set_ylabel(f"FID ({int(key[3])} samples; lower is better)")
-            axes[1].set_xlabel(f"measured seconds per image (batch {int(key[4])})")
-            axes[2].set_xlabel("GMACs per generated image (per call x sampler calls x passes)")
-            axes[0].set_title("quality against layers saved", fontsize=10)
-            axes[1].set_title("quality against measured time", fontsize=10)
-            axes[2].set_title("quality against compute, with fewer sampler steps", fontsize=10)
-            axes[2].legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            fig, grid = plt.subplots(len(panels), 3, figsize=(16, 4.6 * len(panels)), sharey=True, squeeze=False)
+            for axes, (title, group) in zip(grid, panels):
+                _draw_tradeoff_row(plt, sns, axes, group, base, fewer, key)
+                axes[0].set_title(f"{title}: quality against layers saved", fontsize=10)
+            if base.empty:
+                ctx.skipped.append(f"{_where(key)}: no baseline row with FID, so no full-model line")
             fig.suptitle(f"Figure 5: FID against layer reduction, {dataset_name(key[0])}", fontsize=11)
         extra = "points: every stored threshold, full depth at 0%" + (
             "; dotted: the full model at fewer sampler steps" if not fewer.empty else
@@ -119,22 +118,70 @@ def figure_tradeoff(ctx: FigureContext) -> list[Path]:
     return _done(ctx, made, reasons)
 
 
-def _fewer_steps(ctx: FigureContext, key: tuple) -> pd.DataFrame:
-    """The full model's full-depth rows with FID at every step count of this figure's sampler, samples and
-    batch (the newest row per step count), cheapest first: the matched-compute baseline."""
-    dataset, sampler, _, n, batch = key
+def _panel_rows(curves: list[tuple[str, pd.DataFrame]]) -> list[tuple[str, list]]:
+    """The methods at their defaults; then, where any are stored, DeeDiff's variants beside default DeeDiff."""
+    def is_deediff_variant(run):
+        return run["method"].iloc[0] == "deediff" and bool(run["variant"].iloc[0])
+
+    main = [(label, run) for label, run in curves if not is_deediff_variant(run)]
+    variants = [(label, run) for label, run in curves if is_deediff_variant(run)]
+    if not variants:
+        return [("methods", main)]
+    reference = [(label, run) for label, run in main if run["method"].iloc[0] == "deediff"]
+    return [("methods", main), ("DeeDiff's variants", reference + variants)]
+
+
+def _draw_tradeoff_row(plt, sns, axes, curves, base: pd.DataFrame, fewer: pd.DataFrame, key: tuple) -> None:
+    """One row of Figure 5: FID against layer reduction, measured seconds and GMACs per image."""
+    palette = dict(zip([label for label, _ in curves], sns.color_palette("tab10", len(curves))))
+    for label, run in curves:
+        run = run.sort_values("reduction")
+        style = dict(color=palette[label], marker="o", ms=4, lw=1.4, label=label)
+        axes[0].plot(run["reduction"] * 100, run["fid"], **style)
+        by_time = run.sort_values("seconds_per_image")
+        axes[1].plot(by_time["seconds_per_image"], by_time["fid"], **style)
+        by_cost = run.sort_values("gmacs_per_image")
+        axes[2].plot(by_cost["gmacs_per_image"], by_cost["fid"], **style)
+    if not fewer.empty:
+        axes[2].plot(fewer["gmacs_per_image"], fewer["fid"], color="0.3", marker="s", ms=4, lw=1.2, ls=":",
+                     label=f"full model at fewer steps ({', '.join(str(int(n)) for n in fewer['steps'])})")
+        for _, row in fewer.iterrows():
+            axes[2].annotate(f"{int(row['steps'])}", (row["gmacs_per_image"], row["fid"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points", color="0.3")
+    if not base.empty:
+        newest = base.iloc[-1]
+        for ax in axes:
+            ax.axhline(newest["fid"], color="0.3", ls="--", lw=1.1,
+                       label=f"full model ({method_name('baseline', newest['backbone'])}), FID {newest['fid']:.2f}")
+    most = max(float(run["reduction"].max()) for _, run in curves) * 100
+    axes[0].set_xlim(-2, max(most * 1.05 + 2, 10))
+    axes[0].set_xlabel("layer reduction (% of blocks not run, mean per network call)")
+    axes[0].set_ylabel(f"FID ({int(key[4])} samples; lower is better)")
+    axes[1].set_xlabel(f"measured seconds per image (batch {int(key[5])})")
+    axes[2].set_xlabel("GMACs per generated image (per call x sampler calls x passes)")
+    axes[1].set_title("quality against measured time", fontsize=10)
+    axes[2].set_title("quality against compute, with fewer sampler steps", fontsize=10)
+    axes[2].legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def _fewer_steps(ctx: FigureContext, key: tuple, seed=None) -> pd.DataFrame:
+    """The full model's full-depth rows with FID at every step count of this figure's backbone, sampler,
+    samples and batch (the newest row per step count), cheapest first: the matched-compute baseline. With
+    a seed, that seed's rows only (the figure's); the model is then that of the newest such row."""
+    dataset, backbone, sampler, _, n, batch = key
     runs = ctx.results.runs
-    keep = ((runs["method"] == "baseline") & (runs["dataset"] == dataset) & (runs["sampler"] == sampler)
-            & (runs["n_samples"] == n) & (runs["batch_size"] == batch) & runs["thr"].isna() & runs["fid"].notna()
-            & runs["gmacs_per_image"].notna())
+    keep = ((runs["method"] == "baseline") & (runs["dataset"] == dataset) & (runs["backbone"] == backbone)
+            & (runs["sampler"] == sampler) & (runs["n_samples"] == n) & (runs["batch_size"] == batch)
+            & runs["thr"].isna() & runs["fid"].notna() & runs["gmacs_per_image"].notna())
+    if seed is not None:
+        keep &= runs["seed"] == seed
     rows = runs[keep]
     if rows.empty:
         return rows
-    # one model and protocol: those of the newest of these rows (FIDs against other references, other
-    # backbones or sampler options are not comparable)
+    # one model and protocol: those of the newest of these rows (FIDs against other references or sampler
+    # options are not comparable)
     newest = rows.sort_values("ts").iloc[-1]
-    for column in ("backbone", "profile", "experiment", "seed", "sampler_options", "mode", "fid_reference",
-                   "config_hash"):
+    for column in ("profile", "experiment", "sampler_options", "mode", "fid_reference", "config_hash"):
         rows = rows[rows[column].astype(str) == str(newest[column])]
     rows = rows.sort_values("ts").groupby("steps", as_index=False).tail(1)
     return rows.sort_values("gmacs_per_image")
@@ -162,8 +209,7 @@ def figure_exit_histograms(ctx: FigureContext) -> list[Path]:
                                  "share": 100 * count / max(counts.sum(), 1),
                                  "method": f"{label}, {setting(row)} ({fmt_change(row['reduction'])} layers)"})
         if not bars:
-            reasons.append(f"{dataset_name(key[0])} {key[1]} {int(key[2])} steps n={int(key[3])}: no dynamic "
-                           "method with two thresholds in per_call.csv")
+            reasons.append(f"{_where(key)}: no dynamic method with two thresholds in per_call.csv")
             continue
         frame = pd.DataFrame(bars)
         with sns.axes_style("whitegrid"):
@@ -199,8 +245,7 @@ def figure_error_accumulation(ctx: FigureContext) -> list[Path]:
             curves.append((f"{label}: {setting(pick.row)}, {fmt_change(pick.row['reduction'])} layers{note}",
                            steps))
         if not curves:
-            reasons.append(f"{dataset_name(key[0])} {key[1]} {int(key[2])} steps n={int(key[3])}: no early-exit "
-                           "run with trajectory.csv rows")
+            reasons.append(f"{_where(key)}: no early-exit run with trajectory.csv rows")
             continue
         with sns.axes_style("whitegrid"):
             fig, ax = plt.subplots(figsize=(8.5, 4.6))
