@@ -84,19 +84,30 @@ if [[ $parts == *" unet "* ]]; then
   #    of 64 (384,000 images; about 45 min here at ~140 images/s, resumable from its last.pt). Sized to fit
   #    one working session, because the runs folder does not outlive the machine it was made on. Then
   #    DeeDiff and the baseline fine-tuned from it with the study's recipe and budget, and measured like the
-  #    U-ViT cells (DPM-Solver 25 on the U-Net's discrete linear schedule).
+  #    U-ViT cells (DPM-Solver 25 on the U-Net's discrete linear schedule). Then a probe: the exit heads alone
+  #    trained on for 400 steps on DeeDiff's frozen backbone (unet_exit_probe.py, output unet_exit_probe.txt).
   unet=(--backbone ddim_tiny --set model.schedule=linear)
   unet_base=$(bench train --method baseline --profile small --dataset mnist --dataset-path "$MNIST_ZIP" "${unet[@]}" \
                 --set train.batch_size=64 --set train.steps=6000 --set train.ckpt_every=500 \
                 --set run.results="$OUT/unet_baseline" --set run.runs_dir="$STUDY_RUNS" \
                 --set run.experiment=mnist_study_unet_baseline | tail -n 1)
-  train_eval full,0.03,0.05,0.07,0.1,0.14,0.2 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
+  #    Thresholds: the U-ViT's 0.03 and then 0.995, because the U-Net's UEMs say u = 0.99-1.0 at every exit but
+  #    the last (its exits' noise predictions have MSE 0.3-0.99 after the fine-tune; README, "The DDIM U-Net"):
+  #    nothing exits below about 0.99, so 0.05-0.2 would repeat full depth
+  train_eval full,0.03,0.995 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
   train_eval full --method baseline "${unet[@]}" --set model.init_from="$unet_base"
   #    and with Table 6's own sampler, DDIM at 50 steps (the paper also runs 100; that would double the time)
   bench eval --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
-    --steps 50 --thresholds full,0.03,0.05,0.07,0.1
+    --steps 50 --thresholds full,0.995
   bench eval --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
     --steps 50 --thresholds full
+  unet_deediff=$(bench train --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" | tail -n 1)
+  unet_control=$(bench train --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" | tail -n 1)
+  cp "$(dirname "$unet_base")/loss.csv" "$OUT/train_loss_unet_baseline.csv"   # the training losses, per 10-50 steps
+  cp "$(dirname "$unet_deediff")/loss.csv" "$OUT/train_loss_unet_deediff.csv"
+  cp "$(dirname "$unet_control")/loss.csv" "$OUT/train_loss_unet_control.csv"
+  python results/mnist_study/unet_exit_probe.py "$unet_deediff" --dataset-path "$MNIST_ZIP" --steps 400 \
+    > "$OUT/unet_exit_probe.txt"
 fi
 
 if [[ $parts == *" rules "* ]]; then

@@ -79,5 +79,5 @@ for step in range(args.steps):
     loss.backward()
     optimizer.step()
     if (step + 1) % 100 == 0:
-        print(f"  step {step + 1}: mean exit MSE {float(loss):.3f}", flush=True)
+        print(f"  step {step + 1}: mean exit MSE {loss.item():.3f}", flush=True)
 report(f"after {args.steps} steps training the exit heads alone at lr {args.lr:g} (backbone frozen)")
