@@ -81,7 +81,7 @@ fi
 if [[ $parts == *" unet "* ]]; then
   # 8. Table 6: the DDIM U-Net (ddim_tiny, 1.1 M parameters, 7 exits). Its baseline first, from scratch on
   #    full MNIST with the small profile's recipe (lr 1e-3 after 500 warm-up steps, EMA 0.999): 6,000 steps
-  #    of 64 (384,000 images; about 45 min here at ~140 images/s, resumable from its last.pt). Sized to fit
+  #    of 64 (384,000 images; 69 min here on one core at 95 images/s, resumable from its last.pt). Sized to fit
   #    one working session, because the runs folder does not outlive the machine it was made on. Then
   #    DeeDiff and the baseline fine-tuned from it with the study's recipe and budget, and measured like the
   #    U-ViT cells (DPM-Solver 25 on the U-Net's discrete linear schedule). Then a probe: the exit heads alone
@@ -92,7 +92,7 @@ if [[ $parts == *" unet "* ]]; then
                 --set run.results="$OUT/unet_baseline" --set run.runs_dir="$STUDY_RUNS" \
                 --set run.experiment=mnist_study_unet_baseline | tail -n 1)
   #    Thresholds: the U-ViT's 0.03 and then 0.995, because the U-Net's UEMs say u = 0.99-1.0 at every exit but
-  #    the last (its exits' noise predictions have MSE 0.3-0.99 after the fine-tune; README, "The DDIM U-Net"):
+  #    the last (its exits' noise predictions have MSE 0.34-0.99 after the fine-tune; README, "The DDIM U-Net"):
   #    nothing exits below about 0.99, so 0.05-0.2 would repeat full depth
   train_eval full,0.03,0.995 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
   train_eval full --method baseline "${unet[@]}" --set model.init_from="$unet_base"
