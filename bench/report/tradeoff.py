@@ -4,7 +4,7 @@ One PNG per (dataset, backbone, sampler, steps, sample count, batch size), since
 sample count, seconds per image with the batch, and a method's curve is only comparable with the full model
 of its own backbone: figure{N}-{dataset}-{backbone}-{sampler}{steps}-n{n}-b{batch}.png. Each figure draws one
 seed, the one that fills the most of its runs (ties: the lowest), as the tables do; a second seed's
-replicates are left out and the caption says so.
+replicates are left out, and the report's list of what it could not make names them.
 
 - Figure 5: FID against layer reduction, one curve per method (every stored threshold; full depth
   at 0%), the full model's FID as a dashed line; second panel: FID against measured seconds per image;
@@ -98,7 +98,7 @@ def figure_tradeoff(ctx: FigureContext) -> list[Path]:
         if not curves:
             reasons.append(f"{_where(key)}: no FID in its rows (turn on eval.fid)")
             continue
-        base = rows[(rows["method"] == "baseline") & rows["thr"].isna() & rows["fid"].notna()]
+        base = rows[(rows["method"] == "baseline") & rows["thr"].isna() & rows["fid"].notna()].sort_values("ts")
         fewer = _fewer_steps(ctx, key, seed=rows["seed"].iloc[0])
         panels = _panel_rows(curves)
         with sns.axes_style("whitegrid"):
