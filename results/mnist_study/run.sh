@@ -96,11 +96,16 @@ if [[ $parts == *" unet "* ]]; then
   #    nothing exits below about 0.99, so 0.05-0.2 would repeat full depth
   train_eval full,0.03,0.995 --method deediff "${unet[@]}" --set model.init_from="$unet_base"
   train_eval full --method baseline "${unet[@]}" --set model.init_from="$unet_base"
-  #    and with Table 6's own sampler, DDIM at 50 steps (the paper also runs 100; that would double the time)
+  #    and with Table 6's own sampler, DDIM at 50 steps
   bench eval --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
     --steps 50 --thresholds full,0.995
   bench eval --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
     --steps 50 --thresholds full
+  #    and at the paper's other step count, DDIM 100
+  bench eval --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
+    --steps 100 --thresholds full
+  bench eval --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" --sampler ddim \
+    --steps 100 --thresholds full,0.995
   unet_deediff=$(bench train --method deediff "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" | tail -n 1)
   unet_control=$(bench train --method baseline "${common[@]}" "${unet[@]}" --set model.init_from="$unet_base" | tail -n 1)
   cp "$(dirname "$unet_base")/loss.csv" "$OUT/train_loss_unet_baseline.csv"   # the training losses, per 10-50 steps
@@ -139,4 +144,16 @@ if [[ $parts == *" budget "* ]]; then
   long_control=$(bench train --method baseline "${common[@]}" "${longer[@]}" | tail -n 1)
   cp "$(dirname "$long_deediff")/loss.csv" "$OUT/budget/train_loss_deediff.csv"   # the training losses
   cp "$(dirname "$long_control")/loss.csv" "$OUT/budget/train_loss_baseline.csv"
+  #     the matched-compute comparison at this budget: the control at fewer sampler steps
+  for steps in 20 15 10; do
+    bench eval --method baseline "${common[@]}" "${longer[@]}" --steps "$steps" --thresholds full
+  done
+  #     the cliff, sample by sample (failed_samples.py; README "The cliff is a trap"): which of 200 samples end
+  #     as static at each threshold, where they exit, and (at 0.06) which calls' exits do the damage
+  for thr in 0.05 0.055 0.0575 0.07; do
+    python results/mnist_study/failed_samples.py "$long_deediff" --threshold "$thr" --window 0 \
+      --grid "$OUT/budget/grids/failed_thr$thr.png" > "$OUT/budget/failed_samples_thr$thr.txt"
+  done
+  python results/mnist_study/failed_samples.py "$long_deediff" --threshold 0.06 --window 5 \
+    --grid "$OUT/budget/grids/failed_thr0.06.png" > "$OUT/budget/failed_samples_thr0.06.txt"
 fi
