@@ -11,7 +11,7 @@ realised engine, as `bench eval` does) at full depth and at the threshold, and p
   usual), and the number of failed samples each leaves; a window whose full depth rescues the failed
   samples is where their exits do the damage.
 
-    python results/mnist_study/failed_samples.py CHECKPOINT [--threshold 0.06] [--n 200] [--window 5] [--grid PNG]
+    python results/mnist_study/failed_samples.py CHECKPOINT [--threshold 0.06] [--n 200] [--window 5] [--grid PNG] [--probe]
 
 Outputs of `run.sh budget`: failed_samples_thr*.txt in budget/.
 """
@@ -27,12 +27,15 @@ from bench.engine import EarlyExitModel
 from bench.sample import save_grid
 from bench.setup import build_model, build_schedule, image_geometry
 from methods import build_method
+from methods.common import exit_predictions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint")
 parser.add_argument("--threshold", type=float, default=0.06)
 parser.add_argument("--n", type=int, default=200)
 parser.add_argument("--grid", default=None, help="PNG: each failed sample (top row) above its full-depth image")
+parser.add_argument("--probe", action="store_true",
+                    help="also: at every third call, what the UEMs say on the failed samples' inputs")
 parser.add_argument("--window", type=int, default=5, help="calls forced to full depth at a time (0: no counterfactuals)")
 args = parser.parse_args()
 
@@ -53,8 +56,10 @@ class CallWindow:
 
     def __init__(self, engine: EarlyExitModel, threshold: float | None, lo: int = 0, hi: int = 0):
         self.engine, self.threshold, self.lo, self.hi, self.call = engine, threshold, lo, hi, 0
+        self.inputs = []  # (x, model_t) of every call, for the probe
 
     def __call__(self, x, model_t):
+        self.inputs.append((x.clone(), model_t))
         self.engine.threshold = None if self.lo <= self.call < self.hi else self.threshold
         self.call += 1
         return self.engine(x, model_t)
@@ -67,16 +72,16 @@ def sample(threshold: float | None, lo: int = 0, hi: int = 0):
     x = sampler(eps_fn, schedule, NoiseSource(cfg["run"]["seed"], torch.arange(args.n)), shape, s["steps"],
                 **s["options"]).clamp(-1, 1)
     exits = torch.stack(engine.record.exit_blocks) if engine.record.exit_blocks else None  # (calls, N)
-    return x, exits, eps_fn.call
+    return x, exits, eps_fn.call, eps_fn.inputs
 
 
 def total_variation(x):
     return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)))
 
 
-full, _, calls = sample(None)
+full, _, calls, _ = sample(None)
 limit = float(total_variation(full).max())
-x, exits, _ = sample(args.threshold)
+x, exits, _, inputs = sample(args.threshold)
 tv = total_variation(x)
 failed = tv > limit
 num_exits = model.backbone.num_exits
@@ -99,13 +104,38 @@ if failed.any() and (~failed).any():
     print(f"layer ratio: failed {float((exits[:, failed] + 1).double().mean()) / num_exits:.3f}, "
           f"legible {float((exits[:, ~failed] + 1).double().mean()) / num_exits:.3f}")
 
+
+@torch.no_grad()
+def probe(x_c, model_t, exit_index: int):
+    """Per sample: the UEM's mean u at an exit, how far that exit's noise prediction is from the final
+    exit's (mean tanh|g_i - g_N|, the form of eq. 9's target with the final prediction for eps) and from
+    the sampler's input itself (mean |g_i - x|: a prediction of 'it is all noise'), and the input's std."""
+    t = model_t.expand(len(x_c)) if model_t.dim() == 0 else model_t
+    out = exit_predictions(model, x_c, t)
+    u = method.uncertainty(model, exit_index, out.hiddens[exit_index], t).flatten(1).mean(1)
+    g = out.preds[exit_index].float()
+    to_final = torch.tanh((g - out.final.float()).abs()).flatten(1).mean(1)
+    return u, to_final, (g - x_c).abs().flatten(1).mean(1), x_c.flatten(1).std(1)
+
+
+if args.probe and failed.any() and (~failed).any():
+    k = 3  # the exit the trapped samples take (0-based)
+    print(f"\nprobe at exit index {k} on the sampler's own inputs at the threshold: failed / legible means")
+    print(f"{'call':>4} {'t':>6}  {'u':>13}  {'tanh|g-g_N|':>13}  {'|g-x|':>13}  {'std(x)':>13}")
+    for c in range(0, calls, 3):
+        x_c, model_t = inputs[c]
+        cols = probe(x_c, model_t, k)
+        t_value = float(model_t.float().mean()) / 1000
+        print(f"{c:4d} {t_value:6.3f}  " + "  ".join(f"{float(v[failed].mean()):6.3f}/{float(v[~failed].mean()):6.3f}"
+                                                  for v in cols))
+
 if args.window <= 0:
     raise SystemExit(0)
 print(f"\ncounterfactuals: full depth forced for calls [lo, hi), exits elsewhere at {args.threshold}")
 print(f"{'calls':>9}  {'layer ratio':>11}  {'failed':>6}  {'of the failed above, still failed':>33}")
 for lo in range(0, calls, args.window):
     hi = min(calls, lo + args.window)
-    y, e, _ = sample(args.threshold, lo, hi)
+    y, e, _, _ = sample(args.threshold, lo, hi)
     bad = total_variation(y) > limit
     print(f"[{lo:2d},{hi:2d})  {float((e + 1).double().mean()) / num_exits:11.3f}  {int(bad.sum()):6d}  "
           f"{int((bad & failed).sum()):33d}")

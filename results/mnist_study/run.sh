@@ -149,11 +149,12 @@ if [[ $parts == *" budget "* ]]; then
     bench eval --method baseline "${common[@]}" "${longer[@]}" --steps "$steps" --thresholds full
   done
   #     the cliff, sample by sample (failed_samples.py; README "The cliff is a trap"): which of 200 samples end
-  #     as static at each threshold, where they exit, and (at 0.06) which calls' exits do the damage
+  #     as static at each threshold, where they exit, and (at 0.06) which calls' exits do the damage and what
+  #     the UEMs say on the trapped samples' inputs
   for thr in 0.05 0.055 0.0575 0.07; do
     python results/mnist_study/failed_samples.py "$long_deediff" --threshold "$thr" --window 0 \
       --grid "$OUT/budget/grids/failed_thr$thr.png" > "$OUT/budget/failed_samples_thr$thr.txt"
   done
-  python results/mnist_study/failed_samples.py "$long_deediff" --threshold 0.06 --window 5 \
+  python results/mnist_study/failed_samples.py "$long_deediff" --threshold 0.06 --window 5 --probe \
     --grid "$OUT/budget/grids/failed_thr0.06.png" > "$OUT/budget/failed_samples_thr0.06.txt"
 fi
