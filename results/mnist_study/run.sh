@@ -144,6 +144,12 @@ if [[ $parts == *" budget "* ]]; then
   long_control=$(bench train --method baseline "${common[@]}" "${longer[@]}" | tail -n 1)
   cp "$(dirname "$long_deediff")/loss.csv" "$OUT/budget/train_loss_deediff.csv"   # the training losses
   cp "$(dirname "$long_control")/loss.csv" "$OUT/budget/train_loss_baseline.csv"
+  #     the exit signal refitted at this budget (README "A refitted exit signal meets the layer-ratio bar"): the
+  #     3x checkpoint's UEMs trained on for 500 steps, alone on its frozen backbone, to tanh|g_i - g_N|
+  #     (uem_target: final, ours) as step 7b did at 1x; thresholds from trajectory_refit.py's scan
+  refit3=(--set model.init_from="$long_deediff" --set train.steps=0 --set train.warmup_steps=0
+          --set train.exit_calibration_steps=500 --set run.results="$OUT/budget")
+  train_eval full,0.015,0.02,0.025,0.03,0.035,0.04 --method deediff "${refit3[@]}" --set methods.deediff.uem_target=final
   #     the matched-compute comparison at this budget: the control at fewer sampler steps
   for steps in 20 15 10; do
     bench eval --method baseline "${common[@]}" "${longer[@]}" --steps "$steps" --thresholds full
@@ -157,4 +163,8 @@ if [[ $parts == *" budget "* ]]; then
   done
   python results/mnist_study/failed_samples.py "$long_deediff" --threshold 0.06 --window 5 --probe \
     --grid "$OUT/budget/grids/failed_thr0.06.png" > "$OUT/budget/failed_samples_thr0.06.txt"
+  #     UEMs refitted on the sampler's own inputs against the same refit on training inputs (trajectory_refit.py;
+  #     README "UEMs calibrated on the sampler's own inputs"): about 35 min on two cores
+  python results/mnist_study/trajectory_refit.py "$long_deediff" --csv "$OUT/budget/trajectory_refit.csv" \
+    --grid-dir "$OUT/budget/grids" > "$OUT/budget/trajectory_refit.txt"
 fi
