@@ -49,7 +49,7 @@ from bench.evaluate.measure import _reference
 from bench.sample import gflops_per_call, generate, save_grid
 from bench.setup import build_model, build_schedule, build_train_dataset, image_geometry, prepare_data
 from methods import build_method
-from methods.common import exit_predictions
+from methods.common import batch_time, exit_predictions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint")
@@ -105,7 +105,7 @@ class Recorder:
         self.engine, self.inputs = EarlyExitModel(model, method, threshold=threshold, mode="realised"), []
 
     def __call__(self, x, model_t):
-        self.inputs.append((x.clone(), model_t.expand(len(x)).clone() if model_t.dim() == 0 else model_t.clone()))
+        self.inputs.append((x.clone(), batch_time(model_t, len(x)).clone()))
         return self.engine(x, model_t)
 
 
