@@ -150,6 +150,18 @@ if [[ $parts == *" budget "* ]]; then
   refit3=(--set model.init_from="$long_deediff" --set train.steps=0 --set train.warmup_steps=0
           --set train.exit_calibration_steps=500 --set run.results="$OUT/budget")
   train_eval full,0.015,0.02,0.025,0.03,0.035,0.04 --method deediff "${refit3[@]}" --set methods.deediff.uem_target=final
+  #     the refitted checkpoint on fresh sampling noise (noise seed 1; the thresholds were chosen on seed 0's)
+  python results/mnist_study/fresh_noise.py "$(bench train --method deediff "${common[@]}" "${refit3[@]}" \
+    --set methods.deediff.uem_target=final | tail -n 1)" --thresholds 0.025,0.03 --noise-seed 1 \
+    --csv "$OUT/budget/fresh_noise.csv" > "$OUT/budget/fresh_noise.txt"
+  #     a second seed (training and sampling seed 1) of DeeDiff, its refit and the control: the two 3,000-step
+  #     trainings side by side, one core each (OMP_NUM_THREADS=1), about 2 h
+  long_deediff1=$(bench train --method deediff "${common[@]}" "${longer[@]}" --seed 1 | tail -n 1)
+  bench train --method baseline "${common[@]}" "${longer[@]}" --seed 1
+  bench eval --method baseline "${common[@]}" "${longer[@]}" --seed 1 --thresholds full
+  refit3_seed1=(--set model.init_from="$long_deediff1" --set train.steps=0 --set train.warmup_steps=0
+                --set train.exit_calibration_steps=500 --set run.results="$OUT/budget" --seed 1)
+  train_eval full,0.025,0.03,0.035 --method deediff "${refit3_seed1[@]}" --set methods.deediff.uem_target=final
   #     the matched-compute comparison at this budget: the control at fewer sampler steps
   for steps in 20 15 10; do
     bench eval --method baseline "${common[@]}" "${longer[@]}" --steps "$steps" --thresholds full
