@@ -185,14 +185,15 @@ if [[ $parts == *" beta3x "* ]]; then
   # 12. both bars at once? At 1x, beta 0.3 (eq. 13) cut the full-depth cost from 1.62x the control to 1.27x;
   #     at 3x, beta 1 is at 1.28x. DeeDiff at beta 0.3 with the 3x budget (about 1 h 35 min on two cores),
   #     its UEMs refitted as in step 11 (uem_target: final, 500 steps; the backbone stays as trained, so the
-  #     refit's full-depth cell is the training's), and the refit's seed-0 threshold grid without its ends'
-  #     0.015 (fixed before this run; the control is step 11's, beta does not touch it). Cells in budget/
+  #     refit's full-depth cell is the training's), and the refit's seed-0 threshold grid without its 0.015
+  #     (fixed before this run; 0.0375 added after 0.035 and 0.04 bracketed the bar; the control is step
+  #     11's, beta does not touch it). Cells in budget/
   longer=(--set train.steps=3000 --set run.results="$OUT/budget")
   beta3=(--set methods.deediff.beta_ual=0.3)
   long_beta3=$(bench train --method deediff "${common[@]}" "${longer[@]}" "${beta3[@]}" | tail -n 1)
   cp "$(dirname "$long_beta3")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.3.csv"
   refit3_beta3=(--set model.init_from="$long_beta3" --set train.steps=0 --set train.warmup_steps=0
                 --set train.exit_calibration_steps=500 --set run.results="$OUT/budget")
-  train_eval full,0.02,0.025,0.03,0.035,0.04 --method deediff "${refit3_beta3[@]}" "${beta3[@]}" \
+  train_eval full,0.02,0.025,0.03,0.035,0.0375,0.04 --method deediff "${refit3_beta3[@]}" "${beta3[@]}" \
     --set methods.deediff.uem_target=final
 fi
