@@ -6,7 +6,8 @@
 #                                                 budget beta3x; default: train eval more unet rules small)
 # `train` and `eval` made the first cells; `more` the other methods, ablations and a second seed; `unet` the
 # DDIM U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
-# small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget; `beta3x` DeeDiff at beta 0.3 with that budget. Hours on two cores.
+# small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget; `beta3x` DeeDiff at
+# beta 0.3 with that budget. Hours on two cores.
 # MNIST: the full set from ../shared/data/mnist-png.zip (or MNIST_ZIP=...). Checkpoints go to
 # STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive a new
 # checkout; a new machine may or may not keep them (only the cells, committed here, are sure to survive),
@@ -18,6 +19,10 @@ STUDY_RUNS=${STUDY_RUNS:-$HOME/.cache/eebench/mnist_study/runs}
 OUT=${STUDY_OUT:-results/mnist_study}  # STUDY_OUT: store the cells elsewhere (a checkout kept apart while the code changes)
 common=(--profile study --dataset mnist --dataset-path "$MNIST_ZIP" --set run.results="$OUT"
         --set run.runs_dir="$STUDY_RUNS" --set run.experiment=mnist_study)
+# the 3x budget (`budget`, `beta3x`), and a refit: a checkpoint's UEMs trained on alone for 500 steps on its
+# frozen backbone (model.init_from names the checkpoint)
+longer=(--set train.steps=3000 --set run.results="$OUT/budget")
+refit_uems=(--set train.steps=0 --set train.warmup_steps=0 --set train.exit_calibration_steps=500)
 parts=("${@:-train eval more unet rules small}")
 parts=" ${parts[*]} "
 
@@ -69,8 +74,7 @@ if [[ $parts == *" more "* ]]; then
   #     Their cells go to refit/, a store of their own, so that the paper's tables never take a refit
   #     for DeeDiff as it is trained
   deediff_ckpt=$(bench train --method deediff "${common[@]}" | tail -n 1)
-  refit=(--set model.init_from="$deediff_ckpt" --set train.steps=0 --set train.warmup_steps=0
-         --set train.exit_calibration_steps=500 --set run.results="$OUT/refit")
+  refit=(--set model.init_from="$deediff_ckpt" "${refit_uems[@]}" --set run.results="$OUT/refit")
   train_eval full,0.02,0.05,0.1,0.15,0.2,0.3 --method deediff "${refit[@]}" --set methods.deediff.uem_target=data
   train_eval full,0.03,0.05,0.07,0.1 --method deediff "${refit[@]}" --set methods.deediff.uem_target=noise
   #     and to the distance from the final exit's prediction, tanh|g_i - g_N| (uem_target: final, ours):
@@ -137,7 +141,6 @@ if [[ $parts == *" budget "* ]]; then
   #     side by side on one core each, OMP_NUM_THREADS=1). Thresholds 0.055, 0.0575, 0.06 were added after the cliff.
   #     The paper fine-tunes for about 200k steps. Cells in budget/, a store of their own (the tables
   #     compare equal budgets)
-  longer=(--set train.steps=3000 --set run.results="$OUT/budget")
   train_eval full,0.03,0.05,0.055,0.0575,0.06,0.07,0.1,0.14,0.2 --method deediff "${longer[@]}"
   train_eval full --method baseline "${longer[@]}"
   long_deediff=$(bench train --method deediff "${common[@]}" "${longer[@]}" | tail -n 1)
@@ -147,8 +150,7 @@ if [[ $parts == *" budget "* ]]; then
   #     the exit signal refitted at this budget (README "A refitted exit signal meets the layer-ratio bar"): the
   #     3x checkpoint's UEMs trained on for 500 steps, alone on its frozen backbone, to tanh|g_i - g_N|
   #     (uem_target: final, ours) as step 7b did at 1x; thresholds from trajectory_refit.py's scan
-  refit3=(--set model.init_from="$long_deediff" --set train.steps=0 --set train.warmup_steps=0
-          --set train.exit_calibration_steps=500 --set run.results="$OUT/budget")
+  refit3=(--set model.init_from="$long_deediff" "${refit_uems[@]}" --set run.results="$OUT/budget")
   train_eval full,0.015,0.02,0.025,0.03,0.035,0.04 --method deediff "${refit3[@]}" --set methods.deediff.uem_target=final
   #     the refitted checkpoint on fresh sampling noise (noise seed 1; the thresholds were chosen on seed 0's)
   python results/mnist_study/fresh_noise.py "$(bench train --method deediff "${common[@]}" "${refit3[@]}" \
@@ -159,8 +161,7 @@ if [[ $parts == *" budget "* ]]; then
   long_deediff1=$(bench train --method deediff "${common[@]}" "${longer[@]}" --seed 1 | tail -n 1)
   bench train --method baseline "${common[@]}" "${longer[@]}" --seed 1
   bench eval --method baseline "${common[@]}" "${longer[@]}" --seed 1 --thresholds full
-  refit3_seed1=(--set model.init_from="$long_deediff1" --set train.steps=0 --set train.warmup_steps=0
-                --set train.exit_calibration_steps=500 --set run.results="$OUT/budget" --seed 1)
+  refit3_seed1=(--set model.init_from="$long_deediff1" "${refit_uems[@]}" --set run.results="$OUT/budget" --seed 1)
   train_eval full,0.025,0.03,0.035 --method deediff "${refit3_seed1[@]}" --set methods.deediff.uem_target=final
   #     the matched-compute comparison at this budget: the control at fewer sampler steps
   for steps in 20 15 10; do
@@ -188,12 +189,10 @@ if [[ $parts == *" beta3x "* ]]; then
   #     refit's full-depth cell is the training's), and the refit's seed-0 threshold grid without its 0.015
   #     (fixed before this run; 0.0375 added after 0.035 and 0.04 bracketed the bar; the control is step
   #     11's, beta does not touch it). Cells in budget/
-  longer=(--set train.steps=3000 --set run.results="$OUT/budget")
   beta3=(--set methods.deediff.beta_ual=0.3)
   long_beta3=$(bench train --method deediff "${common[@]}" "${longer[@]}" "${beta3[@]}" | tail -n 1)
   cp "$(dirname "$long_beta3")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.3.csv"
-  refit3_beta3=(--set model.init_from="$long_beta3" --set train.steps=0 --set train.warmup_steps=0
-                --set train.exit_calibration_steps=500 --set run.results="$OUT/budget")
+  refit3_beta3=(--set model.init_from="$long_beta3" "${refit_uems[@]}" --set run.results="$OUT/budget")
   train_eval full,0.02,0.025,0.03,0.035,0.0375,0.04 --method deediff "${refit3_beta3[@]}" "${beta3[@]}" \
     --set methods.deediff.uem_target=final
 fi
