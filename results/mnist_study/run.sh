@@ -3,11 +3,11 @@
 # Re-running it re-creates the study: finished checkpoints are reused and stored cells are skipped,
 # so an interrupted run resumes where it stopped. Usage, from the project root:
 #   bash results/mnist_study/run.sh [PART ...]   (parts, run in this order: train eval more unet rules small
-#                                                 budget beta3x; default: train eval more unet rules small)
+#                                                 budget beta3x beta01x3; default: train eval more unet rules small)
 # `train` and `eval` made the first cells; `more` the other methods, ablations and a second seed; `unet` the
 # DDIM U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
 # small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget; `beta3x` DeeDiff at
-# beta 0.3 with that budget. Hours on two cores.
+# beta 0.3 with that budget; `beta01x3` at beta 0.1 with that budget. Hours on two cores.
 # MNIST: the full set from ../shared/data/mnist-png.zip (or MNIST_ZIP=...). Checkpoints go to
 # STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive a new
 # checkout; a new machine may or may not keep them (only the cells, committed here, are sure to survive),
@@ -194,5 +194,18 @@ if [[ $parts == *" beta3x "* ]]; then
   cp "$(dirname "$long_beta3")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.3.csv"
   refit3_beta3=(--set model.init_from="$long_beta3" "${refit_uems[@]}" --set run.results="$OUT/budget")
   train_eval full,0.02,0.025,0.03,0.035,0.0375,0.04 --method deediff "${refit3_beta3[@]}" "${beta3[@]}" \
+    --set methods.deediff.uem_target=final
+fi
+
+if [[ $parts == *" beta01x3 "* ]]; then
+  # 13. the full-depth bar: at 1x, beta 0.1 cut the full-depth cost to 1.14x the control (beta 0.3: 1.27x);
+  #     at 3x, beta 0.3 is at 1.15x. DeeDiff at beta 0.1 with the 3x budget (about 1 h 30 min on two cores),
+  #     its UEMs refitted as in step 12, and a grid fixed before this run: step 12's without 0.0375, plus
+  #     0.045 and 0.05 (weaker exit heads need higher thresholds for the same layer ratio). Cells in budget/
+  beta01=(--set methods.deediff.beta_ual=0.1)
+  long_beta01=$(bench train --method deediff "${common[@]}" "${longer[@]}" "${beta01[@]}" | tail -n 1)
+  cp "$(dirname "$long_beta01")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.1.csv"
+  refit3_beta01=(--set model.init_from="$long_beta01" "${refit_uems[@]}" --set run.results="$OUT/budget")
+  train_eval full,0.02,0.025,0.03,0.035,0.04,0.045,0.05 --method deediff "${refit3_beta01[@]}" "${beta01[@]}" \
     --set methods.deediff.uem_target=final
 fi
