@@ -3,11 +3,11 @@
 # Re-running it re-creates the study: finished checkpoints are reused and stored cells are skipped,
 # so an interrupted run resumes where it stopped. Usage, from the project root:
 #   bash results/mnist_study/run.sh [PART ...]   (parts, run in this order: train eval more unet rules small
-#                                                 budget beta3x beta01x3; default: train eval more unet rules small)
+#                                                 budget beta3x beta01x3 beta01x3s1; default: train eval more unet rules small)
 # `train` and `eval` made the first cells; `more` the other methods, ablations and a second seed; `unet` the
 # DDIM U-Net of Table 6 with its own baseline; `rules` exit-rule variants of stored checkpoints; `small` the
 # small model from scratch (Table 4); `budget` DeeDiff and the control at 3x the budget; `beta3x` DeeDiff at
-# beta 0.3 with that budget; `beta01x3` at beta 0.1 with that budget. Hours on two cores.
+# beta 0.3 with that budget; `beta01x3` at beta 0.1 with that budget, `beta01x3s1` its second seed. Hours on two cores.
 # MNIST: the full set from ../shared/data/mnist-png.zip (or MNIST_ZIP=...). Checkpoints go to
 # STUDY_RUNS (default ~/.cache/eebench/mnist_study/runs), outside the work tree so that they survive a new
 # checkout; a new machine may or may not keep them (only the cells, committed here, are sure to survive),
@@ -207,5 +207,17 @@ if [[ $parts == *" beta01x3 "* ]]; then
   cp "$(dirname "$long_beta01")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.1.csv"
   refit3_beta01=(--set model.init_from="$long_beta01" "${refit_uems[@]}" --set run.results="$OUT/budget")
   train_eval full,0.02,0.025,0.03,0.035,0.04,0.045,0.05 --method deediff "${refit3_beta01[@]}" "${beta01[@]}" \
+    --set methods.deediff.uem_target=final
+fi
+
+if [[ $parts == *" beta01x3s1 "* ]]; then
+  # 14. a second seed of step 13 (training and sampling seed 1): does the full-depth bar hold across seeds?
+  #     The control's own two seeds at 3x are step 11's (40.54, 42.28). About 2 h on two cores; the grid,
+  #     fixed before this run, is step 13's points around its best and its layer ratio 0.7
+  beta01=(--set methods.deediff.beta_ual=0.1)
+  long_beta01s1=$(bench train --method deediff "${common[@]}" "${longer[@]}" "${beta01[@]}" --seed 1 | tail -n 1)
+  cp "$(dirname "$long_beta01s1")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.1_seed1.csv"
+  refit3_beta01s1=(--set model.init_from="$long_beta01s1" "${refit_uems[@]}" --set run.results="$OUT/budget" --seed 1)
+  train_eval full,0.025,0.04,0.045,0.05 --method deediff "${refit3_beta01s1[@]}" "${beta01[@]}" \
     --set methods.deediff.uem_target=final
 fi
