@@ -9,10 +9,11 @@ samples the same noise (seed 0, samples 0..N-1, DPM-Solver 25, as `bench eval`) 
   prediction, and the part of it that is a per-image constant offset (the squared per-image mean of
   g_i - g_N), which the sampler's early data predictions (x - sigma eps) / alpha amplify alike everywhere;
 - forced exits: every sample exits at block k for calls [0, c) and runs full depth after; the final
-  state's MSE against full depth's, unclamped and clamped to [-1, 1], and its mean offset. The same for
-  the threshold itself, for comparison.
+  state's MSE against full depth's, unclamped and clamped to [-1, 1], its mean offset, and the share of
+  pixels flipped (clamped values more than 1 apart: a speck, or a stroke lost). The same for the
+  thresholds themselves, for comparison.
 
-    python results/mnist_study/late_exits.py CHECKPOINT [--threshold 0.02] [--n 200] [--exits 5,11] [--calls 3,9]
+    python results/mnist_study/late_exits.py CHECKPOINT [--thresholds 0.02,0.025] [--n 200] [--exits 5,11] [--calls 3,9]
 
 Output of `run.sh beta01x3s1`: budget/late_exits_seed1.txt.
 """
@@ -29,7 +30,7 @@ from methods import build_method
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint")
-parser.add_argument("--threshold", type=float, default=0.02)
+parser.add_argument("--thresholds", default="0.02", help="thresholds to sample at, for comparison")
 parser.add_argument("--n", type=int, default=200)
 parser.add_argument("--exits", default="5,11", help="exit blocks (0-based) to force")
 parser.add_argument("--calls", default="3,9", help="force them for calls [0, c), for each c")
@@ -84,9 +85,12 @@ def sample(eps_fn):
 
 
 def compare(x, full):
-    """Final-state MSE against full depth (unclamped, clamped) and the mean per-image offset."""
-    return (float(((x - full) ** 2).mean()), float(((x.clamp(-1, 1) - full.clamp(-1, 1)) ** 2).mean()),
-            float((x - full).mean((1, 2, 3)).mean()), float((x - full).mean((1, 2, 3)).abs().mean()))
+    """Final-state MSE against full depth (unclamped, clamped), the mean per-image offset and the share of
+    flipped pixels."""
+    clamped = x.clamp(-1, 1) - full.clamp(-1, 1)
+    return (float(((x - full) ** 2).mean()), float((clamped ** 2).mean()),
+            float((x - full).mean((1, 2, 3)).mean()), float((x - full).mean((1, 2, 3)).abs().mean()),
+            float((clamped.abs() > 1).double().mean()))
 
 
 probe = Forced(record=max(forced_calls))
@@ -98,14 +102,16 @@ print(f"{'call':>4} {'t':>6}  " + "  ".join(f"{'exit ' + str(k):>21}" for k in f
 for call, model_t, errors in probe.rows:
     print(f"{call:4d} {model_t / 1000:6.3f}  " + "  ".join(f"{errors[k][0]:9.6f} ({errors[k][1]:9.6f})" for k in forced_exits))
 
-print("\nfinal state against full depth: MSE unclamped, MSE clamped, mean offset, mean |offset| per image")
-engine = EarlyExitModel(model, method, threshold=args.threshold, mode="realised")
-x = sample(engine)
-exits = torch.stack(engine.record.exit_blocks)
-ratio = float((exits + 1).double().mean()) / bb.num_exits
-first = ", ".join(f"{float(exits[c].double().mean()):.1f}" for c in range(max(forced_calls)))
-print(f"threshold {args.threshold} (ratio {ratio:.3f}; mean exit block of calls 0..{max(forced_calls) - 1}: {first}): "
-      + "  ".join(f"{v:9.5f}" for v in compare(x, full)))
+print("\nfinal state against full depth: MSE unclamped, MSE clamped, mean offset, mean |offset| per image, "
+      "share of pixels flipped")
+for threshold in [float(v) for v in args.thresholds.split(",")]:
+    engine = EarlyExitModel(model, method, threshold=threshold, mode="realised")
+    x = sample(engine)
+    exits = torch.stack(engine.record.exit_blocks)
+    ratio = float((exits + 1).double().mean()) / bb.num_exits
+    first = ", ".join(f"{float(exits[c].double().mean()):.1f}" for c in range(max(forced_calls)))
+    print(f"threshold {threshold} (ratio {ratio:.3f}; mean exit block of calls 0..{max(forced_calls) - 1}: {first}): "
+          + "  ".join(f"{v:9.5f}" for v in compare(x, full)))
 for k in forced_exits:
     for c in forced_calls:
         x = sample(Forced(k, c))

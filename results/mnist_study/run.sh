@@ -227,5 +227,5 @@ if [[ $parts == *" beta01x3s1 "* ]]; then
     --set methods.deediff.uem_target=final | tail -n 1)
   bench eval --method deediff "${common[@]}" "${refit3_beta01s1[@]}" "${beta01[@]}" \
     --set methods.deediff.uem_target=final --thresholds 0.02
-  python results/mnist_study/late_exits.py "$refit_beta01s1" --threshold 0.02 > "$OUT/budget/late_exits_seed1.txt"
+  python results/mnist_study/late_exits.py "$refit_beta01s1" --thresholds 0.02,0.025 > "$OUT/budget/late_exits_seed1.txt"
 fi
