@@ -27,6 +27,7 @@ from bench.diffusion import SAMPLERS, NoiseSource
 from bench.engine import EarlyExitModel
 from bench.setup import build_model, build_schedule, image_geometry
 from methods import build_method
+from methods.common import exit_predictions
 
 parser = argparse.ArgumentParser()
 parser.add_argument("checkpoint")
@@ -44,6 +45,9 @@ model = build_model(cfg, method)
 load_weights_into(model, args.checkpoint, prefer="ema", fresh_extras=False)
 model.eval()
 bb = model.backbone
+full_depth = EarlyExitModel(model, method, threshold=None)
+# forced exits are the `static` method's (fixed schedule: threshold = exit block) on this checkpoint
+static = build_method("static", resolve(load_config(), {"method": "static", "dataset": "mnist", "profile": "study"}, {})["method"])
 schedule, s = build_schedule(cfg), cfg["sample"]
 sampler = SAMPLERS.get(s["sampler"])
 resolution, channels, _ = image_geometry(cfg)
@@ -51,31 +55,26 @@ shape = (channels, resolution, resolution)
 
 
 class Forced:
-    """eps_fn: the head after block `k` for calls [0, calls), full depth after. Along the way (k=None:
-    full depth throughout) it records, for the first `record` calls, every chosen exit's error against
+    """eps_fn: every sample exits at block `k` for calls [0, calls), full depth after. With `record`
+    (full depth throughout) it records, for the first `record` calls, every chosen exit's error against
     the final prediction: total MSE and the squared per-image mean (the constant-offset part)."""
 
     def __init__(self, k: int | None = None, calls: int = 0, record: int = 0):
-        self.k, self.calls, self.record, self.call, self.rows = k, calls, record, 0, []
+        self.forced = None if k is None else EarlyExitModel(model, static, threshold=k)
+        self.calls, self.record, self.call, self.rows = calls, record, 0, []
 
     @torch.no_grad()
     def __call__(self, x, model_t):
-        stop = self.k if self.call < self.calls else None
-        state, preds = bb.prepare(x, model_t), {}
-        for i in range(bb.num_exits):
-            state = bb.run_block(i, state)
-            if i == stop:
-                self.call += 1
-                return bb.head(state, i)
-            if self.call < self.record and i in forced_exits:
-                preds[i] = bb.head(state, i)
-        final = bb.head(state)
-        if self.call < self.record:
-            diffs = {i: (p - final).float() for i, p in preds.items()}
-            self.rows.append((self.call, float(model_t.float().mean()),
-                              {i: (float((d ** 2).mean()), float((d.mean((1, 2, 3)) ** 2).mean())) for i, d in diffs.items()}))
-        self.call += 1
-        return final
+        call, self.call = self.call, self.call + 1
+        if call < self.calls:
+            return self.forced(x, model_t)
+        if call >= self.record:
+            return full_depth(x, model_t)
+        out = exit_predictions(model, x, model_t)
+        diffs = {k: (out.preds[k] - out.final).float() for k in forced_exits}
+        self.rows.append((call, float(model_t.float().mean()),
+                          {k: (float((d ** 2).mean()), float((d.mean((1, 2, 3)) ** 2).mean())) for k, d in diffs.items()}))
+        return out.final
 
 
 @torch.no_grad()

@@ -217,15 +217,12 @@ if [[ $parts == *" beta01x3s1 "* ]]; then
   beta01=(--set methods.deediff.beta_ual=0.1)
   long_beta01s1=$(bench train --method deediff "${common[@]}" "${longer[@]}" "${beta01[@]}" --seed 1 | tail -n 1)
   cp "$(dirname "$long_beta01s1")/loss.csv" "$OUT/budget/train_loss_deediff_beta0.1_seed1.csv"
-  refit3_beta01s1=(--set model.init_from="$long_beta01s1" "${refit_uems[@]}" --set run.results="$OUT/budget" --seed 1)
-  train_eval full,0.025,0.04,0.045,0.05 --method deediff "${refit3_beta01s1[@]}" "${beta01[@]}" \
-    --set methods.deediff.uem_target=final
-  #     seed 0's anomaly at 0.02 (more compute, worse FID; README "The full-depth bar"): its cell at seed 1
-  #     (added after the cells above had run), and late_exits.py: do late exits in the first calls do more
-  #     damage than early ones? About 10 min
-  refit_beta01s1=$(bench train --method deediff "${common[@]}" "${refit3_beta01s1[@]}" "${beta01[@]}" \
-    --set methods.deediff.uem_target=final | tail -n 1)
-  bench eval --method deediff "${common[@]}" "${refit3_beta01s1[@]}" "${beta01[@]}" \
-    --set methods.deediff.uem_target=final --thresholds 0.02
+  #     Threshold 0.02, last, was added after the others had run: seed 0's anomaly there (more compute, worse
+  #     FID; README "The full-depth bar"), with late_exits.py (about 5 min): do late exits in the first calls
+  #     do more damage than early ones?
+  refit3_beta01s1=(--set model.init_from="$long_beta01s1" "${refit_uems[@]}" --set run.results="$OUT/budget" --seed 1
+                   "${beta01[@]}" --set methods.deediff.uem_target=final)
+  refit_beta01s1=$(bench train --method deediff "${common[@]}" "${refit3_beta01s1[@]}" | tail -n 1)
+  bench eval --method deediff "${common[@]}" "${refit3_beta01s1[@]}" --thresholds full,0.025,0.04,0.045,0.05,0.02
   python results/mnist_study/late_exits.py "$refit_beta01s1" --thresholds 0.02,0.025 > "$OUT/budget/late_exits_seed1.txt"
 fi
